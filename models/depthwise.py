@@ -1,0 +1,40 @@
+"""Depthwise (channel-wise) 3D convolution, the per-task adapter of the separable conv unit."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.fused import depthwise_conv3d
+
+
+class DepthwiseConv3d(nn.Module):
+    """k×k×k convolution with one filter per channel (groups = channels), stride 1, "same" padding.
+
+    Args:
+        channels: number of channels C (input and output).
+        kernel_size: cubic kernel size k (odd).
+        bias: add a learned bias per channel.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        nn.init.kaiming_normal_(self.weight)
+        self.use_fused = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (N, C, D, H, W). Returns: (N, C, D, H, W)."""
+        if self.use_fused:
+            return depthwise_conv3d(x, self.weight, self.bias)
+        return F.conv3d(x, self.weight, self.bias, padding=self.kernel_size // 2, groups=self.channels)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
+

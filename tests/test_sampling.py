@@ -1,0 +1,254 @@
+"""Patch sampling / augmentation loader on tiny synthetic preprocessed cases (docs/formats.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+
+from utils.sampling import (
+    AugmentParams,
+    MirrorAxesTransform,
+    PatchLoader,
+    compute_case_info,
+    extract_patch,
+    extraction_size,
+    fold_case_ids,
+    list_cases,
+    make_train_loader,
+    make_transforms,
+    num_foreground_samples,
+    safe_jitter,
+)
+
+PATCH = (8, 12, 10)
+TASK = "Task99_Tiny"
+
+
+def _write_case(split_dir: Path, cid: str, shape: tuple[int, int, int], boxes: dict[int, tuple], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    image = (1.0 + rng.random((2, *shape))).astype(np.float32)  # never 0 inside the volume
+    label = np.zeros(shape, np.uint8)
+    for value, (z0, z1, y0, y1, x0, x1) in boxes.items():
+        label[z0:z1, y0:y1, x0:x1] = value
+    np.save(split_dir / f"{cid}_image.npy", image)
+    np.save(split_dir / f"{cid}_label.npy", label)
+    np.save(split_dir / f"{cid}_weight.npy", np.ones(shape, np.uint8))
+    sidecar = {
+        "case": cid,
+        "resampled_shape": list(shape),
+        "class_voxels": [int((label == c).sum()) for c in range(3)],
+    }
+    (split_dir / f"{cid}.json").write_text(json.dumps(sidecar))
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("prep") / TASK
+    tr = root / "train"
+    tr.mkdir(parents=True)
+    # a:   both labels, structures far from the centre
+    _write_case(tr, "tiny_000", (20, 30, 26), {1: (2, 9, 3, 12, 2, 9), 2: (4, 7, 5, 8, 4, 7)}, 0)
+    # b:   both labels at the other corner
+    _write_case(tr, "tiny_001", (18, 28, 30), {1: (10, 17, 15, 26, 18, 28), 2: (12, 15, 20, 23, 22, 25)}, 1)
+    # c:   no small label (2)
+    _write_case(tr, "tiny_002", (16, 24, 22), {1: (5, 11, 8, 16, 6, 14)}, 2)
+    # d:   smaller than the patch
+    _write_case(tr, "tiny_003", (6, 8, 7), {1: (1, 4, 2, 6, 2, 5), 2: (2, 3, 3, 5, 3, 4)}, 3)
+    # e:   no foreground at all
+    _write_case(tr, "tiny_004", (12, 16, 14), {}, 4)
+    # unfinished case (no sidecar) must not be listed
+    np.save(tr / "tiny_005_image.npy", np.zeros((2, 4, 4, 4), np.float32))
+    plans = {"task": TASK, "modalities": ["T2", "ADC"], "num_classes": 3, "patch_size": list(PATCH),
+             "small_label": 2, "batch_size": 5}
+    (root / "plans.json").write_text(json.dumps(plans))
+    return root
+
+
+@pytest.fixture(scope="module")
+def plans(task_dir: Path) -> dict:
+    return json.loads((task_dir / "plans.json").read_text())
+
+
+def test_list_cases_and_folds(task_dir: Path, tmp_path: Path) -> None:
+    cases = list_cases(task_dir)
+    assert [Path(c).name for c in cases] == [f"tiny_00{i}" for i in range(5)]
+    splits = {TASK: [{"train": ["tiny_003", "tiny_000.nii.gz"], "val": ["tiny_001"]}] * 5}
+    path = tmp_path / "fold_splits.json"
+    path.write_text(json.dumps(splits))
+    ids = fold_case_ids(path, TASK, 0, "train")
+    assert ids == ["tiny_003", "tiny_000"]
+    assert [Path(c).name for c in list_cases(task_dir, case_ids=ids)] == ["tiny_000", "tiny_003"]
+    with pytest.raises(ValueError):
+        list_cases(task_dir, case_ids=["tiny_005"])
+
+
+def test_case_info_and_extract_patch() -> None:
+    label = np.zeros((10, 12, 14), np.uint8)
+    label[2:5, 3:9, 4:6] = 1
+    label[3, 4, 5] = 2
+    info = compute_case_info(label, small_label=2, max_points=5)
+    assert info.fore_bbox.tolist() == [[2, 4], [3, 8], [4, 5]]
+    assert info.small_bbox.tolist() == [[3, 3], [4, 4], [5, 5]]
+    assert len(info.fore_points) == 5 and all(label[tuple(p)] > 0 for p in info.fore_points)
+    assert compute_case_info(np.zeros((3, 3, 3), np.uint8), 2).fore_bbox is None
+    arr = np.arange(2 * 4 * 5 * 6, dtype=np.float32).reshape(2, 4, 5, 6) + 1
+    out = extract_patch(arr, (-2, 3, 1), (6, 4, 7))
+    assert out.shape == (2, 6, 4, 7)
+    np.testing.assert_array_equal(out[:, 2:6, 0:2, 0:5], arr[:, 0:4, 3:5, 1:6])
+    assert np.count_nonzero(out) == 2 * 4 * 2 * 5
+    assert not extract_patch(arr, (10, 0, 0), (2, 2, 2)).any()
+
+
+def test_geometry_helpers() -> None:
+    aug = AugmentParams()
+    ext = extraction_size(PATCH, aug)
+    assert all(e >= p and (e - p) % 2 == 0 for e, p in zip(ext, PATCH, strict=True))
+    assert ext[1] >= math.hypot(12, 10) * 1.25
+    assert safe_jitter((40, 56, 40), None) == (19, 27, 19)
+    assert safe_jitter((40, 56, 40), aug) == (10, 7, 7)
+    assert [num_foreground_samples(b) for b in (1, 2, 3, 4, 9)] == [1, 2, 2, 3, 4]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_first_samples_hold_foreground(task_dir: Path, plans: dict, augment: bool) -> None:
+    batch = 5  # first ceil(5/3)+1 = 3 must hold foreground
+    n_batches = 12 if augment else 40
+    for seed in (0, 1, 2):
+        it = make_train_loader(task_dir, plans, batch, seed=seed, augment=augment, to_tensor=False)
+        for _ in range(n_batches):
+            b = next(it)
+            assert b["data"].shape == (batch, 2, *PATCH) and b["seg"].shape == (batch, 1, *PATCH)
+            assert b["data"].dtype == np.float32
+            for i in range(3):
+                assert b["kinds"][i] in ("fore", "small")
+                assert (b["seg"][i] > 0).any(), (seed, b["kinds"], b["case_ids"])
+                if b["kinds"][i] == "small":
+                    assert (b["seg"][i] == 2).any()
+            assert set(np.unique(b["seg"])) <= {0.0, 1.0, 2.0}
+            assert "tiny_004" not in b["case_ids"][:3]
+
+
+def test_kind_distribution(task_dir: Path) -> None:
+    # cases that always have both labels, so kinds are exactly the drawn ones
+    cases = [c for c in list_cases(task_dir) if Path(c).name in ("tiny_000", "tiny_001", "tiny_003")]
+    loader = PatchLoader(cases, PATCH, 9, small_label=2, seed=7)
+    counts_first = {"small": 0, "fore": 0, "any": 0}
+    counts_rest = {"small": 0, "fore": 0, "any": 0}
+    n = 400
+    for _ in range(n):
+        kinds = loader.generate_train_batch()["kinds"]
+        for k in kinds[:4]:
+            counts_first[k] += 1
+        for k in kinds[4:]:
+            counts_rest[k] += 1
+    # 1600 / 2000 draws: binomial std <= 0.0125; tolerance 0.05 is > 4 std
+    assert counts_first["any"] == 0
+    assert counts_first["small"] / (4 * n) == pytest.approx(0.3, abs=0.05)
+    assert counts_rest["small"] / (5 * n) == pytest.approx(0.3, abs=0.05)
+    assert counts_rest["fore"] / (5 * n) == pytest.approx(0.3, abs=0.05)
+    assert counts_rest["any"] / (5 * n) == pytest.approx(0.4, abs=0.05)
+
+
+def test_two_draws_per_case(task_dir: Path) -> None:
+    cases = [c for c in list_cases(task_dir) if Path(c).name != "tiny_004"]
+    loader = PatchLoader(cases, PATCH, 4, small_label=2, seed=3)
+    ids = sum((loader.generate_train_batch()["case_ids"] for _ in range(10)), [])
+    assert all(ids[i] == ids[i + 1] for i in range(0, len(ids), 2))
+    # shuffled passes: every case appears once per pass of 4 cases x 2 draws
+    assert sorted(set(ids[:8])) == sorted(Path(c).name for c in cases)
+
+
+def test_padding_small_volume(task_dir: Path) -> None:
+    small = [c for c in list_cases(task_dir) if Path(c).name == "tiny_003"]  # (6, 8, 7) < patch
+    loader = PatchLoader(small, PATCH, 6, small_label=2, seed=0)
+    n_any = 0
+    for _ in range(10):
+        b = loader.generate_train_batch()
+        for i in range(6):
+            nz = np.argwhere(b["data"][i, 0] != 0)
+            box = nz.max(0) - nz.min(0) + 1
+            assert len(nz) == np.prod(box) and (box <= (6, 8, 7)).all()  # the volume part, zero around
+            assert (b["data"][i, 0][b["seg"][i, 0] > 0] != 0).all()
+            if b["kinds"][i] == "any":  # the whole volume lies inside the patch
+                n_any += 1
+                assert len(nz) == 6 * 8 * 7 and np.count_nonzero(b["seg"][i]) == 3 * 4 * 3
+    assert n_any > 0
+
+
+def test_shapes_unified_resize_and_determinism(task_dir: Path, plans: dict) -> None:
+    state = np.random.get_state()
+    kwargs = dict(model_patch=(16, 16, 16), seed=11, augment=True)
+    a = make_train_loader(task_dir, plans, 3, **kwargs)
+    b = make_train_loader(task_dir, plans, 3, **kwargs)
+    c = make_train_loader(task_dir, plans, 3, model_patch=(16, 16, 16), seed=12, augment=True)
+    differs = False
+    for _ in range(3):
+        ba, bb, bc = next(a), next(b), next(c)
+        assert isinstance(ba["data"], torch.Tensor) and ba["data"].dtype == torch.float32
+        assert ba["data"].shape == (3, 2, 16, 16, 16) and ba["seg"].shape == (3, 1, 16, 16, 16)
+        assert set(torch.unique(ba["seg"]).tolist()) <= {0.0, 1.0, 2.0}
+        assert torch.equal(ba["data"], bb["data"]) and torch.equal(ba["seg"], bb["seg"])
+        assert ba["kinds"] == bb["kinds"] and ba["case_ids"] == bb["case_ids"]
+        differs |= not torch.equal(ba["data"], bc["data"])
+        assert (ba["seg"][:2] > 0).flatten(1).any(1).all()  # resize keeps the foreground
+    assert differs
+    a._finish()
+    # the global numpy RNG is untouched by the loader/transforms
+    after = np.random.get_state()
+    assert after[0] == state[0] and np.array_equal(after[1], state[1]) and after[2:] == state[2:]
+
+
+def test_mirror_last_axis_probability() -> None:
+    rng = np.random.default_rng(0)
+    n = 2000
+    data = rng.random((n, 1, 2, 3, 4)).astype(np.float32)
+    seg = rng.integers(0, 3, (n, 1, 2, 3, 4)).astype(np.float32)
+    d0, s0 = data.copy(), seg.copy()
+    np.random.seed(5)
+    out = MirrorAxesTransform((2,), 0.3)(data=data, seg=seg)
+    flipped = np.array([np.array_equal(out["data"][i], d0[i, :, :, :, ::-1]) for i in range(n)])
+    same = np.array([np.array_equal(out["data"][i], d0[i]) for i in range(n)])
+    assert (flipped ^ same).all()  # each sample is either untouched or flipped on x only
+    assert flipped.mean() == pytest.approx(0.3, abs=0.05)  # std 0.01
+    np.testing.assert_array_equal(out["seg"][flipped], s0[flipped][..., ::-1])
+    np.testing.assert_array_equal(out["seg"][same], s0[same])
+
+
+def test_rotation_is_about_first_axis() -> None:
+    """With rotation only, a volume that varies along z only is unchanged in z (batchgenerators'
+    angle_x rotates in the (y, x) plane)."""
+    aug = AugmentParams(p_elastic=0, p_rotation=1.0, p_scale=0, p_mirror=0)
+    ext = extraction_size(PATCH, aug)
+    z = np.arange(ext[0], dtype=np.float32)[:, None, None] + 1
+    data = np.broadcast_to(z, ext)[None, None].copy()
+    seg = np.zeros((1, 1, *ext), np.float32)
+    t = make_transforms(PATCH, aug=aug, to_tensor=False)
+    out = t(data=data, seg=seg, aug_seed=3)["data"][0, 0]
+    off = (ext[0] - PATCH[0]) // 2
+    expected = np.broadcast_to((np.arange(PATCH[0]) + off + 1)[:, None, None], PATCH)
+    np.testing.assert_allclose(out, expected, atol=1e-3)
+    # the rotation did happen: a y-ramp changes
+    yramp = np.broadcast_to(np.arange(ext[1], dtype=np.float32)[None, :, None], ext)[None, None].copy()
+    out_y = t(data=yramp, seg=seg, aug_seed=3)["data"][0, 0]
+    assert not np.allclose(out_y, yramp[0, 0, off:off + PATCH[0], :PATCH[1], :PATCH[2]])
+
+
+def test_multithreaded_matches_single(task_dir: Path, plans: dict) -> None:
+    single = make_train_loader(task_dir, plans, 2, seed=5, augment=True, num_workers=0)
+    multi = make_train_loader(task_dir, plans, 2, seed=5, augment=True, num_workers=1)
+    assert isinstance(multi, MultiThreadedAugmenter)
+    try:
+        for _ in range(2):
+            bs, bm = next(single), next(multi)
+            assert bm["data"].shape == (2, 2, *PATCH)
+            assert torch.equal(bs["data"], bm["data"]) and torch.equal(bs["seg"], bm["seg"])
+            assert bs["kinds"] == bm["kinds"]
+    finally:
+        multi._finish()
+        single._finish()

@@ -1,0 +1,153 @@
+"""Training losses of the 3D U²-Net paper preset: Lovász-softmax + focal loss.
+
+Both losses take the raw network output ``logits`` of shape ``(N, C, *spatial)`` and an integer label
+map ``target`` of shape ``(N, *spatial)`` or ``(N, 1, *spatial)`` (values ``0..C-1``; float label maps
+with integral values, as batchgenerators produces them, are accepted and cast).
+
+* Lovász-softmax (Berman et al., CVPR 2018) is evaluated on ``softmax(logits)``, flattened over the
+  whole batch (``per_image=False``) and averaged over the classes present in the batch's ground truth
+  (``classes="present"``).
+* Focal loss (Lin et al., 2017) with ``gamma = 2`` on the logits, no class weights, mean over voxels.
+* :class:`SegmentationLoss` is their unweighted sum, as the original training script used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "flatten_logits",
+    "focal_loss",
+    "lovasz_softmax",
+    "lovasz_softmax_flat",
+    "SegmentationLoss",
+]
+
+
+def _target_to_long(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Bring ``target`` to shape ``(N, *spatial)`` and dtype int64.
+
+    Accepts ``(N, *spatial)`` or ``(N, 1, *spatial)`` (channel axis as batchgenerators' ``seg``).
+    """
+    if target.dim() == logits.dim():
+        if target.shape[1] != 1:
+            raise ValueError(f"target with a channel axis must have 1 channel, got shape {tuple(target.shape)}")
+        target = target[:, 0]
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
+    if target.is_floating_point():
+        target = torch.round(target)
+    return target.long()
+
+
+def flatten_logits(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, *spatial)`` -> ``(N * prod(spatial), C)`` (voxels of all images in one row block)."""
+    n, c = x.shape[:2]
+    return x.reshape(n, c, -1).transpose(1, 2).reshape(-1, c)
+
+
+def lovasz_softmax_flat(probas: torch.Tensor, labels: torch.Tensor, classes: str = "present") -> torch.Tensor:
+    """Lovász-softmax on flattened voxels.
+
+    For every class ``c`` the per-voxel errors ``e_i = |1[y_i = c] - p_i(c)|`` are sorted in decreasing
+    order; the loss of the class is the Lovász extension of the Jaccard loss evaluated at ``e``:
+    ``sum_k e_(k) * (J(k) - J(k-1))`` with ``J(k)`` the Jaccard loss ``|M| / |G ∪ M|`` of the set ``M`` of
+    the ``k`` largest errors and ``G`` the class's ground truth (``J(0) = 0``). The gradient vector
+    ``J(k) - J(k-1)`` depends only on the ground-truth order and carries no gradient.
+
+    Args:
+        probas: ``(P, C)`` class probabilities per voxel.
+        labels: ``(P,)`` int64 labels in ``0..C-1``.
+        classes: ``"present"`` (average over classes occurring in ``labels``) or ``"all"``.
+
+    Returns:
+        Scalar tensor.
+    """
+    if probas.numel() == 0:
+        return probas.sum() * 0.0
+    num_classes = probas.shape[1]
+    fg = F.one_hot(labels, num_classes).to(probas.dtype)  # (P, C)
+    errors = (fg - probas).abs()
+    errors_sorted, order = torch.sort(errors, dim=0, descending=True)  # all classes at once
+    with torch.no_grad():
+        fg_sorted = torch.gather(fg, 0, order)
+        n_fg = fg_sorted.sum(dim=0, keepdim=True)  # |G| per class, (1, C)
+        # after k voxels taken (k = 1..P): true positives left = |G| - fg in the first k,
+        # union = |G| + background voxels in the first k
+        tp_left = n_fg - torch.cumsum(fg_sorted, dim=0)
+        union = n_fg + torch.cumsum(1.0 - fg_sorted, dim=0)
+        jaccard = 1.0 - tp_left / union  # J(k), (P, C); union >= 1 from k = 1 on
+        grad = torch.diff(jaccard, dim=0, prepend=torch.zeros_like(jaccard[:1]))
+    per_class = (errors_sorted * grad).sum(dim=0)  # (C,)
+    if classes == "present":
+        present = n_fg[0] > 0
+        return per_class[present].mean()
+    if classes == "all":
+        return per_class.mean()
+    raise ValueError(f"classes must be 'present' or 'all', got {classes!r}")
+
+
+def lovasz_softmax(probas: torch.Tensor, target: torch.Tensor, classes: str = "present") -> torch.Tensor:
+    """Lovász-softmax of probabilities ``(N, C, *spatial)`` against labels ``(N[, 1], *spatial)``.
+
+    Flattened over the batch (``per_image=False``); see :func:`lovasz_softmax_flat`.
+    """
+    labels = _target_to_long(target, probas).reshape(-1)
+    return lovasz_softmax_flat(flatten_logits(probas), labels, classes=classes)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss ``mean_i -(1 - p_i)^gamma * log p_i`` with ``p_i = softmax(logits)_i[y_i]``.
+
+    Args:
+        logits: ``(N, C, *spatial)``.
+        target: ``(N[, 1], *spatial)`` labels in ``0..C-1``.
+        gamma: focusing parameter (2 in the preset).
+
+    Returns:
+        Scalar tensor (mean over all voxels of the batch).
+    """
+    labels = _target_to_long(target, logits)
+    log_p = F.log_softmax(logits, dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)  # (N, *spatial)
+    p = log_p.exp()
+    return (-((1.0 - p) ** gamma) * log_p).mean()
+
+
+class SegmentationLoss(nn.Module):
+    """Paper-preset loss: ``lovasz_weight * Lovász-softmax(softmax(logits)) + focal_weight * focal(logits)``.
+
+    ``forward(logits (N, C, *spatial), target (N[, 1], *spatial)) -> scalar``. Computed in float32 even
+    for half-precision logits.
+    """
+
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        lovasz_weight: float = 1.0,
+        focal_weight: float = 1.0,
+        classes: str = "present",
+    ) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.lovasz_weight = lovasz_weight
+        self.focal_weight = focal_weight
+        self.classes = classes
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        loss = logits.new_zeros(())
+        if self.lovasz_weight:
+            loss = loss + self.lovasz_weight * lovasz_softmax(
+                torch.softmax(logits, dim=1), target, classes=self.classes
+            )
+        if self.focal_weight:
+            loss = loss + self.focal_weight * focal_loss(logits, target, gamma=self.gamma)
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"gamma={self.gamma}, lovasz_weight={self.lovasz_weight}, "
+            f"focal_weight={self.focal_weight}, classes={self.classes!r}"
+        )
