@@ -15,50 +15,95 @@ import torch.nn.functional as F
 _SPATIAL = (2, 3, 4)
 
 
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """A zero-copy 3D view of x for per-(sample, channel) reductions, or None if x has neither layout.
+
+    Returns ``(view, channels_last)``: (N, S, C) for channels_last_3d tensors, (N*C, 1, S) for
+    contiguous ones, S being the number of voxels.
+    """
+    n, c = x.shape[:2]
+    if c > 1 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x.permute(0, 2, 3, 4, 1).reshape(n, -1, c), True
+    if x.is_contiguous():
+        return x.reshape(n * c, 1, -1), False
+    return None
+
+
+def _spatial_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over D, H, W: (N, C, D, H, W) -> (N, C)."""
+    rows = _rows(x)
+    if rows is not None and rows[1]:  # reduce over the strided voxel axis as a matrix product
+        view = rows[0]
+        return torch.bmm(view.new_ones(view.shape[0], 1, view.shape[1]), view).squeeze(1)
+    return x.sum(dim=_SPATIAL)
+
+
+def _spatial_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sum over D, H, W of a * b, without a full-size temporary: (N, C, D, H, W) x 2 -> (N, C)."""
+    ra, rb = _rows(a), _rows(b)
+    n, c = a.shape[:2]
+    if ra is not None and rb is not None and ra[1] == rb[1]:
+        if ra[1]:  # (N, C, S) @ (N, S, C): the diagonal is what we need; C is small where S is large
+            return torch.bmm(ra[0].transpose(1, 2), rb[0]).diagonal(dim1=1, dim2=2)
+        return torch.bmm(ra[0], rb[0].transpose(1, 2)).view(n, c)
+    return (a * b).sum(dim=_SPATIAL)
+
+
 class _InstanceNormAct(torch.autograd.Function):
-    """y = act((x - mean) / sqrt(var + eps) * weight + bias), statistics per (sample, channel)."""
+    """y = act((x - mean) / sqrt(var + eps) * weight + bias), statistics per (sample, channel).
+
+    Statistics come from sums and sums of squares (one read of x, no temporaries), accumulated in
+    float64 for the final (N, C) arithmetic; the output is one fused multiply-add pass.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, slope: float | None):  # type: ignore[override]
-        count = x[0, 0].numel()
-        mean = x.mean(dim=_SPATIAL, keepdim=True)
-        # Centred two-pass variance (as PyTorch's own norm, robust when |mean| >> std); the
-        # centred copy becomes the output buffer, so one full-size tensor is allocated in all.
-        y = x - mean
-        var = torch.linalg.vector_norm(y, dim=_SPATIAL, keepdim=True).square_().div_(max(count, 1))
+        n, c = x.shape[:2]
+        count = max(x[0, 0].numel(), 1)
+        mean = _spatial_sum(x).double() / count
+        var = (_spatial_dot(x, x).double() / count - mean.square()).clamp_min_(0.0)
         rstd = torch.rsqrt(var + eps)
-        torch.addcmul(bias.view(1, -1, 1, 1, 1), y, rstd * weight.view(1, -1, 1, 1, 1), out=y)
+        scale = (rstd * weight.double()).to(x.dtype)
+        shift = (bias.double() - mean * rstd * weight.double()).to(x.dtype)
+        y = torch.addcmul(shift.view(n, c, 1, 1, 1), x, scale.view(n, c, 1, 1, 1))
         if slope is not None:
             F.leaky_relu_(y, slope)
         ctx.slope = slope
         ctx.count = count
-        ctx.save_for_backward(x, y, mean, rstd, weight)
+        ctx.save_for_backward(x, y if slope is not None else None, mean, rstd, weight)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, y, mean, rstd, weight = ctx.saved_tensors
+        n, c = x.shape[:2]
         if ctx.slope is not None:
             # LeakyReLU with a positive slope keeps the sign, so y > 0 exactly where its input > 0.
             g = torch.ops.aten.leaky_relu_backward(grad_out, y, ctx.slope, True)
         else:
-            g = grad_out
+            g = grad_out.contiguous(memory_format=_format_of(x))
         m = ctx.count
-        sum_g = g.sum(dim=_SPATIAL, keepdim=True)  # (N, C, 1, 1, 1)
-        gx = g * x
-        sum_gx = gx.sum(dim=_SPATIAL, keepdim=True)
-        # sum over voxels of g * xhat, with xhat = (x - mean) * rstd
-        sum_g_xhat = (sum_gx - mean * sum_g) * rstd
-        w = weight.view(1, -1, 1, 1, 1)
-        grad_weight = sum_g_xhat.sum(dim=0).flatten()
-        grad_bias = sum_g.sum(dim=0).flatten()
+        sum_g = _spatial_sum(g).double()  # (N, C)
+        sum_gx = _spatial_dot(g, x).double()
+        sum_g_xhat = (sum_gx - mean * sum_g) * rstd  # sum over voxels of g * xhat
+        w = weight.double()
+        grad_weight = sum_g_xhat.sum(dim=0).to(weight.dtype)
+        grad_bias = sum_g.sum(dim=0).to(weight.dtype)
         # dx = w * rstd * (g - sum_g / m - xhat * sum_g_xhat / m) = a * g + b * x + c
         a = w * rstd
         b = -a * rstd * sum_g_xhat / m
-        c = -a * sum_g / m - b * mean
-        grad_x = torch.addcmul(c, x, b, out=gx)  # reuse the g*x buffer
-        grad_x.addcmul_(g, a)
+        cc = -a * sum_g / m - b * mean
+        shape = (n, c, 1, 1, 1)
+        grad_x = torch.addcmul(cc.to(x.dtype).view(shape), x, b.to(x.dtype).view(shape))
+        grad_x.addcmul_(g, a.to(x.dtype).view(shape))
         return grad_x, grad_weight, grad_bias, None, None
+
+
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    c = x.shape[1]
+    if c > 1 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def instance_norm_act(
@@ -70,7 +115,15 @@ def instance_norm_act(
         x: (N, C, D, H, W), any memory format (the output keeps it).
         weight, bias: (C,).
     """
+    if not _fusable(x):
+        y = F.instance_norm(x, weight=weight, bias=bias, eps=eps)
+        return y if slope is None else F.leaky_relu(y, slope)
     return _InstanceNormAct.apply(x, weight, bias, eps, slope)
+
+
+def _fusable(x: torch.Tensor) -> bool:
+    """The fused functions are written for full precision; under autocast the plain ops are used."""
+    return x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
 
 
 class _DepthwiseConv3d(torch.autograd.Function):
@@ -107,4 +160,6 @@ class _DepthwiseConv3d(torch.autograd.Function):
 
 def depthwise_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Args: x: (N, C, D, H, W); weight: (C, 1, k, k, k), k odd; bias: (C,) or None."""
+    if not _fusable(x):
+        return F.conv3d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
     return _DepthwiseConv3d.apply(x, weight, bias, weight.shape[-1] // 2)

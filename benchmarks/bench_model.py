@@ -1,0 +1,163 @@
+"""Model benchmark: parameters, forward FLOPs, training-step time and peak memory per mode and adapter.
+
+Each configuration runs in its own subprocess (so peak memory is its own) and does `--warmup`
+untimed and `--steps` timed training steps: forward, cross-entropy on random labels, backward and
+an Adam step, at the given patch and batch. FLOPs are counted by torch.utils.flop_counter (convs and
+matmuls; grouped convolutions are counted by their real kernel size C_in/groups).
+
+    python benchmarks/bench_model.py --patch 64 --batch 2              # CPU, every configuration
+    python benchmarks/bench_model.py --patch 128 --device cuda         # GPU
+
+The universal model has the five paper tasks (Heart, Liver, Hippocampus, Prostate, Pancreas) and
+trains task 0; the dense reference is the independent model of one task. "plain" runs the network
+with PyTorch's own InstanceNorm3d / depthwise conv3d (the original's formulation), "fused" with
+this project's fused kernels (models/fused.py; same results, tested); "cl" = channels_last_3d.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+FIVE_MODALITIES = [1, 1, 1, 2, 1]
+FIVE_CLASSES = [2, 2, 3, 3, 2]
+
+# name: (train_mode, module, channels_last, fused)
+CONFIGS: dict[str, tuple[str, str | None, bool, bool]] = {
+    "independent/plain": ("independent", None, False, False),
+    "independent/cl+fused": ("independent", None, True, True),
+    "shared/cl+fused": ("shared", None, True, True),
+    "universal-series/cl+fused": ("universal", "series_adapter", True, True),
+    "universal-parallel/cl+fused": ("universal", "parallel_adapter", True, True),
+    "universal-separable/plain": ("universal", "separable_adapter", False, False),
+    "universal-separable/cl": ("universal", "separable_adapter", True, False),
+    "universal-separable/cl+fused": ("universal", "separable_adapter", True, True),
+}
+
+
+def run_one(name: str, patch: tuple[int, int, int], batch: int, steps: int, warmup: int, device: str,
+            base: int, amp: bool) -> dict:
+    """Measure one configuration in this process; returns a JSON-able dict."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from models import build_model, count_parameters
+
+    mode, module, channels_last, fused = CONFIGS[name]
+    torch.manual_seed(1)
+    if mode == "independent":
+        model = build_model(mode, [1], [2], base_channels=base)
+    else:
+        model = build_model(mode, FIVE_MODALITIES, FIVE_CLASSES, module=module, base_channels=base)
+    model.set_fused_ops(fused)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=fmt)
+    x = torch.randn(batch, 1, *patch, device=device).contiguous(memory_format=fmt)
+    target = torch.randint(0, 2, (batch, *patch), device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=5e-4)
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, 0)
+    fwd_flops = counter.get_total_flops()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x, 0)
+        F.cross_entropy(logits.float(), target).backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {
+        "name": name, "device": device, "params": count_parameters(model), "fwd_gflop": fwd_flops / 1e9,
+        "step_s": statistics.median(times), "times": times, "peak_mb": peak_mb, "amp": amp,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--patch", type=int, nargs="+", default=[64], help="patch size: one int (cube) or Z Y X")
+    p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--base", type=int, default=16, help="base channels (16 = paper preset)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG",
+                   help="which configurations (default all): " + ", ".join(CONFIGS))
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    patch = tuple(args.patch * 3 if len(args.patch) == 1 else args.patch)
+    if len(patch) != 3:
+        p.error("--patch takes one or three ints")
+
+    if args._worker:
+        print(json.dumps(run_one(args._worker, patch, args.batch, args.steps, args.warmup, args.device, args.base,
+                                 args.amp)))
+        return 0
+
+    import torch
+
+    threads = torch.get_num_threads()
+    print(f"patch {patch}, batch {args.batch}, base {args.base}, device {args.device}"
+          f"{' (amp bf16)' if args.amp else ''}, torch {torch.__version__}, {threads} CPU threads, "
+          f"{args.steps} timed steps (median)")
+    results = []
+    header = f"{'configuration':<30} {'params':>12} {'fwd GFLOP':>10} {'step s':>8} {'peak MiB':>9}"
+    print(header)
+    print("-" * len(header))
+    for name in args.configs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_worker", name, "--patch", *map(str, patch),
+               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--device", args.device, "--base", str(args.base)] + (["--amp"] if args.amp else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{name:<30} FAILED: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(r)
+        print(f"{name:<30} {r['params']:>12,} {r['fwd_gflop']:>10.1f} {r['step_s']:>8.3f} {r['peak_mb']:>9.0f}")
+    by_name = {r["name"]: r for r in results}
+
+    def ratio(a: str, b: str) -> None:
+        if a in by_name and b in by_name:
+            ra, rb = by_name[a], by_name[b]
+            print(f"step-time ratio {a} / {b}: {ra['step_s'] / rb['step_s']:.2f}"
+                  f"   (FLOP ratio {ra['fwd_gflop'] / rb['fwd_gflop']:.3f})")
+
+    print()
+    ratio("universal-separable/plain", "independent/plain")
+    ratio("universal-separable/cl+fused", "independent/plain")
+    ratio("universal-separable/cl+fused", "independent/cl+fused")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"patch": patch, "batch": args.batch, "device": args.device, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

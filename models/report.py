@@ -1,0 +1,107 @@
+"""Parameter report: what a model costs in total, shared and per task, against independent models."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.params import parameter_counts
+from models.unet import build_model, count_parameters
+
+#: (modalities, classes used) of the paper's tasks, for reports without preprocessed data.
+PAPER_TASK_IO: dict[str, tuple[int, int]] = {
+    "Task02_Heart": (1, 2),
+    "Task03_Liver": (1, 2),
+    "Task04_Hippocampus": (1, 3),
+    "Task05_Prostate": (2, 3),
+    "Task07_Pancreas": (1, 2),
+    "Task09_Spleen": (1, 2),
+}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the network needs to know of a task."""
+
+    name: str
+    modalities: int
+    num_classes: int
+    pools_per_axis: tuple[int, int, int]
+
+
+def task_spec(name: str, plans_dir: str | Path | None = None) -> TaskSpec:
+    """A task's modalities, classes and pools: from ``plans_dir/<name>/plans.json`` when it exists,
+    else from the paper preset (for the six paper tasks)."""
+    if plans_dir is not None:
+        plans_file = Path(plans_dir) / name / "plans.json"
+        if plans_file.is_file():
+            plans = json.loads(plans_file.read_text())
+            return TaskSpec(name, len(plans["modalities"]), int(plans["num_classes"]), tuple(plans["pools_per_axis"]))
+    if name in PAPER_TASK_IO:
+        from utils.task_settings import PRESETS
+
+        mods, classes = PAPER_TASK_IO[name]
+        return TaskSpec(name, mods, classes, tuple(PRESETS[name].pools_per_axis))
+    where = f" and no {Path(plans_dir) / name / 'plans.json'}" if plans_dir is not None else ""
+    raise ValueError(
+        f"unknown task {name!r}: not a paper task ({', '.join(PAPER_TASK_IO)}){where}; "
+        "preprocess it first (preprocess_taskSep.py) and pass --plans_dir, or give "
+        "--in_channels/--num_classes/--pools explicitly"
+    )
+
+
+def independent_total(specs: Sequence[TaskSpec], base_channels: int = 16) -> int:
+    """Parameters of one independent model per task, each with its own pools."""
+    return sum(
+        count_parameters(
+            build_model("independent", [s.modalities], [s.num_classes], pools_per_axis=s.pools_per_axis,
+                        base_channels=base_channels)
+        )
+        for s in specs
+    )
+
+
+def format_report(
+    train_mode: str,
+    specs: Sequence[TaskSpec],
+    *,
+    module: str | None = None,
+    base_channels: int = 16,
+    model_pools: Sequence[int] = (5, 5, 5),
+) -> str:
+    """A readable table of total / shared / per-task parameters and the ratio to independent models."""
+    lines = []
+    if train_mode == "independent":
+        rows = []
+        for s in specs:
+            m = build_model("independent", [s.modalities], [s.num_classes], pools_per_axis=s.pools_per_axis,
+                            base_channels=base_channels)
+            rows.append((s.name, count_parameters(m), s.pools_per_axis))
+        lines.append(f"independent models (base {base_channels}):")
+        for name, n, pools in rows:
+            lines.append(f"  {name:<28} {n:>14,}  pools {tuple(pools)}")
+        lines.append(f"  {'total':<28} {sum(r[1] for r in rows):>14,}")
+        return "\n".join(lines)
+    model = build_model(
+        train_mode, [s.modalities for s in specs], [s.num_classes for s in specs], module=module,
+        base_channels=base_channels, pools_per_axis=model_pools,
+    )
+    counts = parameter_counts(model)
+    indep = independent_total(specs, base_channels)
+    name = train_mode + (f" + {model.config.module}" if model.config.module else "")
+    lines.append(f"{name} model, {len(specs)} task(s), base {base_channels}, pools {tuple(model_pools)}")
+    lines.append(f"  {'total':<28} {counts['total']:>14,}")
+    lines.append(f"  {'shared':<28} {counts['shared']:>14,}")
+    for s, n in zip(specs, counts["per_task"], strict=True):
+        lines.append(f"  {'task ' + s.name:<28} {n:>14,}  ({n / counts['total']:.2%} of the model)")
+    lines.append(f"  {'independent models (sum)':<28} {indep:>14,}")
+    lines.append(f"  ratio to independent models: {counts['total'] / indep:.2%}")
+    if train_mode == "universal":
+        shared_model = build_model(
+            "shared", [s.modalities for s in specs], [s.num_classes for s in specs],
+            base_channels=base_channels, pools_per_axis=model_pools,
+        )
+        lines.append(f"  ratio to the shared model:   {counts['total'] / count_parameters(shared_model):.2%}")
+    return "\n".join(lines)
