@@ -1,0 +1,202 @@
+"""Benchmark: our sliding-window inference vs MONAI's ``sliding_window_inference``.
+
+Same model, same volume (1 x 1 x 128 x 160 x 160), patch 64³, overlap 0.5 (step of half a
+patch), same number of windows per forward pass. Prints both times and the ratio ours / MONAI,
+then the peak memory of segmenting a 512 x 512 x 400 volume with our accumulator (measured in a
+fresh subprocess with ``resource.getrusage``).
+
+MONAI is a benchmark-only dependency (not in requirements.txt):
+``.venv/bin/pip install --no-deps monai==1.5.1``.
+
+    .venv/bin/python benchmarks/bench_inference.py                 # DynUNet, as the issue's figure
+    .venv/bin/python benchmarks/bench_inference.py --model u2net   # our model (base 16, pools 5,5,5)
+    .venv/bin/python benchmarks/bench_inference.py --skip-speed    # memory only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from utils.inference import sliding_window_segment  # noqa: E402
+
+
+def make_model(name: str, base: int) -> tuple[torch.nn.Module, Callable[[torch.Tensor, int], torch.Tensor]]:
+    """The benchmark model and a ``f(x, task_idx)`` predictor around it."""
+    if name == "dynunet":
+        from monai.networks.nets import DynUNet
+
+        net = DynUNet(
+            spatial_dims=3, in_channels=1, out_channels=2,
+            kernel_size=[3, 3, 3, 3, 3], strides=[1, 2, 2, 2, 2], upsample_kernel_size=[2, 2, 2, 2],
+            filters=[base, 2 * base, 4 * base, 8 * base, 16 * base], norm_name="instance", res_block=True,
+        )  # fmt: skip
+        net.eval()
+        return net, lambda x, t: net(x)
+    if name == "u2net":
+        from models import build_model
+
+        net = build_model("independent", [1], [2], base_channels=base, pools_per_axis=(5, 5, 5))
+        net.eval()
+        return net, lambda x, t: net(x, t)
+    raise ValueError(name)
+
+
+def speed(args: argparse.Namespace) -> None:
+    from monai.inferers import sliding_window_inference
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    net, predictor = make_model(args.model, args.base)
+    net.to(dev)
+    vol_dev = torch.randn(1, 1, 128, 160, 160).to(dev)
+    patch = (64, 64, 64)
+
+    monai_net = net if args.model == "dynunet" else (lambda x: net(x, 0))
+
+    def ours() -> np.ndarray:  # the same input as MONAI's: the volume already on the device
+        return sliding_window_segment(predictor, vol_dev[0], 0, patch, step_fraction=0.5, batch_size=args.batch_size,
+                                      device=dev, accum_device=args.accum_device, amp=args.amp)  # fmt: skip
+
+    def monai() -> np.ndarray:
+        with torch.inference_mode(), torch.autocast(dev.type, enabled=args.amp):
+            logits = sliding_window_inference(
+                vol_dev, patch, args.batch_size, monai_net, overlap=0.5, mode=args.monai_mode
+            )
+            return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+
+    # the two agree on most voxels (different blending: linear weights on softmax vs MONAI's mode)
+    agree = float((ours() == monai()).mean())  # also the warm-up of both
+    t_ours: list[float] = []
+    t_monai: list[float] = []
+    for _ in range(args.repeats):  # interleaved, so that load from other processes hits both alike
+        for fn, times in ((ours, t_ours), (monai, t_monai)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    logits = torch.randn(1, 2, *vol_dev.shape[2:], device=dev)
+    t0 = time.perf_counter()
+    logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+    t_argmax = time.perf_counter() - t0
+    mo, mm = float(np.median(t_ours)), float(np.median(t_monai))
+    print(f"model={args.model} base={args.base} device={dev} threads={torch.get_num_threads()} amp={args.amp} "
+          f"volume=1x1x128x160x160 patch=64^3 overlap=0.5 batch={args.batch_size} monai_mode={args.monai_mode} "
+          f"our accumulator on {args.accum_device}")  # fmt: skip
+    print(f"ours (labels)  : median {mo:.2f} s  runs {[round(t, 2) for t in t_ours]}")
+    print(f"MONAI (labels) : median {mm:.2f} s  runs {[round(t, 2) for t in t_monai]}"
+          f"  (of which logits.argmax {t_argmax:.2f} s)")  # fmt: skip
+    print(f"ratio ours/MONAI = {mo / mm:.3f}; against MONAI's logits alone {mo / max(mm - t_argmax, 1e-9):.3f}"
+          f"   (label agreement {agree:.4f})")  # fmt: skip
+
+
+def memory_child(
+    shape: tuple[int, int, int], patch: int, accum: str, device: str, model: str, base: int
+) -> None:
+    """Runs in a fresh process: segment a large volume, print peak CPU RSS (and GPU memory)."""
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    if model == "pointwise":
+        # a 1x1x1 "conv" written as a broadcast (torch's CPU Conv3d allocates ~0.5 GiB of scratch
+        # for 2 x 128^3 windows, which would hide what the accumulator costs)
+        w = torch.tensor([1.0, -1.0], device=dev).view(1, 2, 1, 1, 1)
+        b = torch.tensor([0.0, 0.1], device=dev).view(1, 2, 1, 1, 1)
+
+        def predictor(x: torch.Tensor, t: int) -> torch.Tensor:
+            return x * w + b
+
+    else:
+        net, predictor = make_model(model, base)
+        net.to(dev)
+    image = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    dtype = torch.float16 if accum == "float16" else torch.float32
+    label = sliding_window_segment(predictor, image, 0, (patch,) * 3, batch_size=2, device=dev,
+                                   accum_dtype=dtype, num_classes=2)  # fmt: skip
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    gpu = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0
+    print(json.dumps({"baseline_mib": base_rss, "peak_mib": peak, "gpu_peak_mib": gpu, "seconds": dt,
+                      "label_shape": list(label.shape)}))  # fmt: skip
+
+
+def memory(args: argparse.Namespace) -> None:
+    shape = (400, 512, 512)
+    nvox = int(np.prod(shape))
+    variants = [("", None)]
+    if args.fixed_mmap_threshold:  # glibc's dynamic mmap threshold keeps freed batch buffers in the heap
+        variants.append(
+            (" MALLOC_MMAP_THRESHOLD_=1048576", {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"})
+        )
+    for accum in args.accum:
+        for label, env in variants:
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", accum, "--mem-patch",
+                   str(args.mem_patch), "--mem-device", args.mem_device, "--mem-model", args.mem_model,
+                   "--base", str(args.base)]  # fmt: skip
+            res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            bytes_acc = 2 if accum == "float16" else 4
+            gpu = f", GPU peak allocated {r['gpu_peak_mib']:.0f} MiB" if args.mem_device == "cuda" else ""
+            print(f"memory 512x512x400 (z=400), 2 classes, model {args.mem_model} on {args.mem_device}, patch "
+                  f"{args.mem_patch}^3, accumulator {accum} on cpu{label}: peak RSS {r['peak_mib']:.0f} MiB, of "
+                  f"which {r['peak_mib'] - r['baseline_mib']:.0f} MiB above the process with the input volume "
+                  f"loaded ({r['baseline_mib']:.0f} MiB; the float32 image alone is {nvox * 4 / 2**20:.0f} MiB); "
+                  f"accumulator {2 * nvox * bytes_acc / 2**20:.0f} MiB, label map {nvox / 2**20:.0f} MiB{gpu}; "
+                  f"{r['seconds']:.1f} s")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["dynunet", "u2net"], default="dynunet", help="model used by both")
+    p.add_argument("--base", type=int, default=16, help="channels of the model's first level")
+    p.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (both)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up")
+    p.add_argument(
+        "--monai-mode", default="constant", choices=["constant", "gaussian"], help="MONAI blending"
+    )
+    p.add_argument("--mem-patch", type=int, default=128, help="patch edge for the memory run")
+    p.add_argument("--accum", nargs="+", default=["float32"], choices=["float32", "float16"],
+                   help="accumulator dtypes for the memory run")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="device of the speed run (cpu or cuda)")
+    p.add_argument("--accum-device", default="cpu", help="where our accumulator lives in the speed run")
+    p.add_argument("--amp", action="store_true", help="autocast in the speed run (both)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--mem-device", default="cpu", help="device of the model in the memory run")
+    p.add_argument("--mem-model", default="pointwise", choices=["pointwise", "u2net", "dynunet"],
+                   help="model of the memory run (pointwise: a 1x1x1 linear map, so only our buffers count)")  # fmt: skip
+    p.add_argument("--fixed-mmap-threshold", action="store_true",
+                   help="also measure memory with glibc's MALLOC_MMAP_THRESHOLD_=1 MiB")  # fmt: skip
+    p.add_argument("--skip-speed", action="store_true", help="only the memory run")
+    p.add_argument("--skip-memory", action="store_true", help="only the speed run")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(
+            (400, 512, 512), args.mem_patch, args.memory_child, args.mem_device, args.mem_model, args.base
+        )
+        return
+    if not args.skip_speed:
+        speed(args)
+    if not args.skip_memory:
+        memory(args)
+
+
+if __name__ == "__main__":
+    main()

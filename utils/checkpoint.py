@@ -1,0 +1,264 @@
+"""Single-file checkpoints shared by training and inference (see ``docs/inference.md``).
+
+A checkpoint is a plain dict saved with ``torch.save`` and loaded with
+``torch.load(..., weights_only=True)`` (no pickled objects, no code execution)::
+
+    {
+      "format": "u2net3d",
+      "version": 1,
+      "model_config": {"train_mode": ..., "in_channels": [...], "num_classes": [...],
+                       "module": ..., "base_channels": ..., "pools_per_axis": [...],
+                       "deep_supervision": ..., "residual": ...},   # models.build_model kwargs
+      "model_patch": [z, y, x] or None,       # shared/universal model patch; None = task patches
+      "tasks": [{"name": "Task04_Hippocampus", "plans": {...plans.json...}}, ...],  # task_idx order
+      "state_dict": model.state_dict(),
+      "train_state": {...} or None,           # optional: optimizer state, epoch, rng states, ...
+    }
+
+Everything must be tensors or plain Python types (dict, list, tuple, str, int, float, bool, None);
+use :func:`rng_state_to_plain` for random-number-generator states.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "CheckpointError",
+    "MODEL_CONFIG_KEYS",
+    "build_model_from_checkpoint",
+    "load_checkpoint",
+    "make_checkpoint",
+    "restore_rng_state",
+    "rng_state_to_plain",
+    "save_checkpoint",
+    "task_index",
+]
+
+CHECKPOINT_FORMAT = "u2net3d"
+CHECKPOINT_VERSION = 1
+MODEL_CONFIG_KEYS: tuple[str, ...] = (
+    "train_mode",
+    "in_channels",
+    "num_classes",
+    "module",
+    "base_channels",
+    "pools_per_axis",
+    "deep_supervision",
+    "residual",
+)
+_REQUIRED_KEYS = ("format", "version", "model_config", "model_patch", "tasks", "state_dict")
+
+
+class CheckpointError(ValueError):
+    """A file is missing, unreadable or not a u2net3d checkpoint."""
+
+
+def make_checkpoint(
+    model_config: Mapping[str, Any],
+    tasks: Sequence[Mapping[str, Any]],
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    model_patch: Sequence[int] | None = None,
+    train_state: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble (and validate) a checkpoint dict.
+
+    Args:
+        model_config: ``models.build_model`` keyword arguments (keys of ``MODEL_CONFIG_KEYS``;
+            missing optional ones take build_model's defaults at load time).
+        tasks: one ``{"name": str, "plans": dict}`` per task, in task-index order.
+        state_dict: ``model.state_dict()``.
+        model_patch: the model patch (z, y, x) of a shared/universal model, or None.
+        train_state: optional training state (tensors / plain types only).
+    """
+    unknown = set(model_config) - set(MODEL_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"unknown model_config keys {sorted(unknown)}; allowed: {MODEL_CONFIG_KEYS}")
+    for k in ("train_mode", "in_channels", "num_classes"):
+        if k not in model_config:
+            raise ValueError(f"model_config lacks {k!r}")
+    config = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in model_config.items()}
+    task_list = []
+    for t in tasks:
+        if "name" not in t or "plans" not in t:
+            raise ValueError(f"each task needs 'name' and 'plans', got keys {sorted(t)}")
+        task_list.append({"name": str(t["name"]), "plans": dict(t["plans"])})
+    if len(task_list) != len(config["in_channels"]) or len(task_list) != len(config["num_classes"]):
+        raise ValueError(
+            f"{len(task_list)} tasks but in_channels={config['in_channels']}, "
+            f"num_classes={config['num_classes']}"
+        )
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model_config": config,
+        "model_patch": None if model_patch is None else [int(s) for s in model_patch],
+        "tasks": task_list,
+        "state_dict": dict(state_dict),
+        "train_state": None if train_state is None else dict(train_state),
+    }
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model_config: Mapping[str, Any],
+    tasks: Sequence[Mapping[str, Any]],
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    model_patch: Sequence[int] | None = None,
+    train_state: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build a checkpoint (see :func:`make_checkpoint`) and write it atomically: ``torch.save`` to a
+    temporary file in the same folder, then ``os.replace``. Returns the saved dict."""
+    ckpt = make_checkpoint(model_config, tasks, state_dict, model_patch=model_patch, train_state=train_state)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate a checkpoint with ``torch.load(..., weights_only=True)``.
+
+    Raises:
+        CheckpointError: naming the file, when it is missing, not a torch file, holds objects that
+            ``weights_only`` refuses, or is not a u2net3d checkpoint (wrong/missing keys).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r}: file not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise CheckpointError(
+            f"checkpoint {path!r}: not a readable torch file (not a torch.save zip archive)"
+        )
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, KeyError, UnpicklingError, ... by case
+        first = str(e).splitlines()[0] if str(e) else ""
+        if type(e).__name__ == "UnpicklingError":
+            why = "it holds objects other than tensors and plain types (refused by weights_only=True)"
+        else:
+            why = "it is not a readable torch file"
+        raise CheckpointError(f"checkpoint {path!r}: {why} ({type(e).__name__}: {first[:200]})") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path!r}: expected a dict, found {type(ckpt).__name__}")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path!r}: not a {CHECKPOINT_FORMAT} checkpoint (format={ckpt.get('format')!r}; "
+            f"top-level keys {sorted(map(str, ckpt))[:10]})"
+        )
+    missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r}: lacks keys {missing}")
+    if int(ckpt["version"]) > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path!r}: version {ckpt['version']} is newer than supported ({CHECKPOINT_VERSION})"
+        )
+    cfg = ckpt["model_config"]
+    if not isinstance(cfg, dict) or any(k not in cfg for k in ("train_mode", "in_channels", "num_classes")):
+        raise CheckpointError(f"checkpoint {path!r}: model_config lacks train_mode/in_channels/num_classes")
+    tasks = ckpt["tasks"]
+    if not isinstance(tasks, list) or not all(
+        isinstance(t, dict) and "name" in t and "plans" in t for t in tasks
+    ):
+        raise CheckpointError(f"checkpoint {path!r}: 'tasks' must be a list of {{'name', 'plans'}} dicts")
+    if not isinstance(ckpt["state_dict"], dict):
+        raise CheckpointError(f"checkpoint {path!r}: 'state_dict' is not a dict")
+    ckpt.setdefault("train_state", None)
+    return ckpt
+
+
+def build_model_from_checkpoint(
+    ckpt: Mapping[str, Any], *, strict: bool = True
+) -> tuple[nn.Module, list[dict]]:
+    """Instantiate ``models.build_model(**model_config)``, load the weights, set eval mode.
+
+    Returns:
+        (model on CPU in eval mode, the checkpoint's task list ``[{"name", "plans"}]``).
+    """
+    from models import build_model  # lazy: models/ is not needed to read a checkpoint
+
+    cfg = dict(ckpt["model_config"])
+    kwargs = {k: v for k, v in cfg.items() if k not in ("train_mode", "in_channels", "num_classes")}
+    if "pools_per_axis" in kwargs and kwargs["pools_per_axis"] is not None:
+        kwargs["pools_per_axis"] = tuple(kwargs["pools_per_axis"])
+    model = build_model(cfg["train_mode"], list(cfg["in_channels"]), list(cfg["num_classes"]), **kwargs)
+    model.load_state_dict(ckpt["state_dict"], strict=strict)
+    model.eval()
+    return model, [dict(t) for t in ckpt["tasks"]]
+
+
+def task_index(ckpt: Mapping[str, Any], name: str) -> int:
+    """Index of the task called ``name`` in a checkpoint (ValueError listing the tasks otherwise)."""
+    names = [t["name"] for t in ckpt["tasks"]]
+    if name in names:
+        return names.index(name)
+    raise ValueError(f"task {name!r} is not in this checkpoint; it has {names}")
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states as weights_only-safe values
+# ----------------------------------------------------------------------------------------------
+def rng_state_to_plain() -> dict[str, Any]:
+    """States of Python ``random``, NumPy's global RNG and torch (CPU and every CUDA device) as
+    tensors and plain types, loadable with ``weights_only=True``."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": int(py_version), "internal": list(py_internal), "gauss": py_gauss},
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the states saved by :func:`rng_state_to_plain` (CUDA only when available and
+    saved for as many devices)."""
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["internal"]), py["gauss"]))
+    nps = state["numpy"]
+    keys = nps["keys"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state(
+        (
+            str(nps["name"]),
+            keys.astype(np.uint32),
+            int(nps["pos"]),
+            int(nps["has_gauss"]),
+            float(nps["cached_gaussian"]),
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu() if isinstance(state["torch"], torch.Tensor) else state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])

@@ -1,0 +1,181 @@
+"""Putting a label map back into the original image geometry and writing it as NIfTI.
+
+The preprocessed arrays of a case live in a cropped, resampled grid (see ``docs/formats.md``):
+the original image was cropped to ``crop_box`` (half-open, original voxel indices, (z, y, x)) and
+the crop resampled to ``resampled_shape``. Undoing that for a label map means
+
+1. nearest-neighbour resize of the (z, y, x) label map to the crop box size,
+2. pasting it into a zero volume of ``original_shape``,
+3. writing it with the original spacing, origin and direction (from the sidecar).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # SimpleITK is imported where it is used: utils.inference needs only NumPy here
+    import SimpleITK as sitk
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of a nearest-neighbour resize along one axis.
+
+    Voxel centres are aligned ("nearest-exact", i.e. ``align_corners=False``): output voxel ``i``
+    takes input voxel ``floor((i + 0.5) * in_size / out_size)``.
+
+    Returns:
+        int64 array of shape (out_size,), values in [0, in_size).
+    """
+    if in_size <= 0 or out_size <= 0:
+        raise ValueError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
+    idx = np.floor((np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size)).astype(np.int64)
+    return np.clip(idx, 0, in_size - 1)
+
+
+def resize_nearest(volume: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resize of a 3D array (labels) to ``out_shape``.
+
+    Args:
+        volume: (z, y, x) array of any dtype.
+        out_shape: target (z, y, x).
+
+    Returns:
+        (out_shape) array of the same dtype (a copy, even when the shape is unchanged).
+    """
+    if volume.ndim != 3 or len(out_shape) != 3:
+        raise ValueError(
+            f"resize_nearest expects a 3D volume and a 3D shape, got {volume.shape} -> {out_shape}"
+        )
+    out_shape = tuple(int(s) for s in out_shape)
+    if tuple(volume.shape) == out_shape:
+        return volume.copy()
+    iz, iy, ix = (nearest_indices(i, o) for i, o in zip(volume.shape, out_shape, strict=True))
+    # fancy-index one axis at a time: never materialises more than the output
+    return volume[iz][:, iy][:, :, ix]
+
+
+def restore_to_original(label: np.ndarray, sidecar: Mapping[str, Any]) -> np.ndarray:
+    """Undo crop + resampling for a label map.
+
+    Args:
+        label: (z, y, x) label map in the preprocessed grid (``resampled_shape``).
+        sidecar: the case sidecar dict (keys ``original_shape``, ``crop_box``).
+
+    Returns:
+        uint8 (z, y, x) label map of ``original_shape``; zero outside the crop box.
+    """
+    original_shape = tuple(int(s) for s in sidecar["original_shape"])
+    box = [(int(a), int(b)) for a, b in sidecar["crop_box"]]
+    if len(original_shape) != 3 or len(box) != 3:
+        raise ValueError(f"sidecar has original_shape={original_shape}, crop_box={box}; expected 3D")
+    crop_shape = tuple(b - a for a, b in box)
+    if any(s <= 0 for s in crop_shape) or any(
+        a < 0 or b > n for (a, b), n in zip(box, original_shape, strict=True)
+    ):
+        raise ValueError(f"crop_box {box} does not fit original_shape {original_shape}")
+    if label.ndim != 3:
+        raise ValueError(f"label map must be (z, y, x), got shape {label.shape}")
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError("label values must be in 0..255 to be written as uint8")
+    out = np.zeros(original_shape, dtype=np.uint8)
+    out[box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]] = resize_nearest(
+        label.astype(np.uint8, copy=False), crop_shape
+    )
+    return out
+
+
+def _geometry_3d(sidecar: Mapping[str, Any]) -> tuple[list[float], list[float], list[float]]:
+    """Spacing, origin (x, y, z) and 3x3 row-major direction from a sidecar.
+
+    Tolerates 4D geometry (spacing of 4, direction of 16), keeping the spatial 3x3 block.
+    """
+    spacing = [float(s) for s in sidecar["original_spacing_xyz"]]
+    origin = [float(s) for s in sidecar["origin_xyz"]]
+    direction = [float(d) for d in sidecar["direction"]]
+    if len(direction) == 16:
+        d4 = np.asarray(direction).reshape(4, 4)
+        direction = d4[:3, :3].ravel().tolist()
+    if len(spacing) < 3 or len(origin) < 3 or len(direction) != 9:
+        raise ValueError(
+            f"sidecar geometry is not 3D: spacing={spacing}, origin={origin}, direction of {len(direction)}"
+        )
+    return spacing[:3], origin[:3], direction
+
+
+def label_to_sitk(label: np.ndarray, sidecar: Mapping[str, Any]) -> sitk.Image:
+    """Wrap an original-shape (z, y, x) label map as a uint8 SimpleITK image with the sidecar geometry."""
+    original_shape = tuple(int(s) for s in sidecar["original_shape"])
+    if tuple(label.shape) != original_shape:
+        raise ValueError(f"label shape {label.shape} differs from original_shape {original_shape}")
+    import SimpleITK as sitk
+
+    spacing, origin, direction = _geometry_3d(sidecar)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(label, dtype=np.uint8))
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    return img
+
+
+def write_nifti_atomic(image: sitk.Image, path: str | os.PathLike[str]) -> None:
+    """Write a SimpleITK image atomically: to a temporary ``*.nii.gz`` in the same folder, then
+    ``os.replace`` onto ``path``. A reader never sees a half-written file."""
+    import SimpleITK as sitk
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1] or ".nii.gz"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_label_nifti(
+    label: np.ndarray,
+    sidecar: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    restore: bool = True,
+) -> np.ndarray:
+    """Write a predicted label map as a uint8 NIfTI in the original geometry.
+
+    Args:
+        label: (z, y, x) label map, in the preprocessed grid (``restore=True``) or already in the
+            original shape (``restore=False``).
+        sidecar: the case sidecar (``original_shape``, ``crop_box``, ``original_spacing_xyz``,
+            ``origin_xyz``, ``direction``).
+        path: output file (``.nii.gz``), written atomically.
+
+    Returns:
+        the uint8 (z, y, x) label map in the original shape, as written.
+    """
+    full = restore_to_original(label, sidecar) if restore else np.asarray(label, dtype=np.uint8)
+    write_nifti_atomic(label_to_sitk(full, sidecar), path)
+    return full
+
+
+def sitk_affine_ras(image: sitk.Image) -> np.ndarray:
+    """The 4x4 voxel (i, j, k) -> RAS world affine of a SimpleITK image, as nibabel reports it.
+
+    SimpleITK works in LPS; NIfTI/nibabel in RAS, hence the sign flip of the first two rows.
+    """
+    ndim = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(ndim, ndim)[:3, :3]
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)[:3]
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)[:3]
+    affine = np.eye(4)
+    affine[:3, :3] = direction * spacing[None, :]
+    affine[:3, 3] = origin
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
