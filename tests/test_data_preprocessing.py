@@ -1,0 +1,219 @@
+"""Per-case preprocessing steps on tiny generated volumes (CPU, well under a second each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from utils.decathlon import DataError
+from utils.io_utils import read_json
+from utils.preprocessing import (
+    case_is_done,
+    crop_to_box,
+    nonzero_bbox,
+    preprocess_case,
+    preprocess_image,
+    resample_volume,
+    save_case,
+    zero_background,
+)
+from utils.task_settings import NORMALISATION
+
+
+def _plans(target=(1.0, 1.0, 1.0), modalities=("MRI",), label_map=None, num_classes=3) -> dict:
+    lm = label_map or {str(i): i for i in range(num_classes)}
+    return {
+        "modalities": list(modalities),
+        "is_ct": modalities[0] == "CT",
+        "label_map": lm,
+        "num_classes": num_classes,
+        "target_spacing": list(target),
+        "normalisation": {k: (list(v) if isinstance(v, tuple) else v) for k, v in NORMALISATION.items()},
+    }
+
+
+def _write(path: Path, arr: np.ndarray, spacing_zyx, origin=(10.0, -20.0, 5.0), direction=None) -> Path:
+    four_d = arr.ndim == 4
+    img = sitk.GetImageFromArray(arr, isVector=False)
+    sp = list(spacing_zyx[::-1])
+    if four_d:
+        img.SetSpacing([*sp, 1.0])
+        img.SetOrigin([*origin, 0.0])
+        if direction is not None:
+            d4 = np.eye(4)
+            d4[:3, :3] = np.reshape(direction, (3, 3))
+            img.SetDirection(d4.ravel().tolist())
+    else:
+        img.SetSpacing(sp)
+        img.SetOrigin(origin)
+        if direction is not None:
+            img.SetDirection(direction)
+    sitk.WriteImage(img, str(path), useCompression=True)
+    return path
+
+
+def _ball(shape, spacing_zyx, centre_mm, radius_mm) -> np.ndarray:
+    zz, yy, xx = np.meshgrid(*[(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing_zyx, strict=True)], indexing="ij")
+    return ((zz - centre_mm[0]) ** 2 + (yy - centre_mm[1]) ** 2 + (xx - centre_mm[2]) ** 2) < radius_mm**2
+
+
+def test_crop_box_is_nonzero_bbox_widened_by_5() -> None:
+    v = np.zeros((30, 40, 50), np.float32)
+    v[10:12, 3:20, 44:47] = 1.0
+    assert nonzero_bbox(v) == [[5, 17], [0, 25], [39, 50]]  # half-open, clipped to the volume
+    assert crop_to_box(np.stack([v, v]), nonzero_bbox(v)).shape == (2, 12, 25, 11)
+    assert nonzero_bbox(np.zeros((3, 4, 5))) == [[0, 3], [0, 4], [0, 5]]
+
+
+def test_spacing_after_resampling_within_one_percent(tmp_path: Path) -> None:
+    spacing = (3.0, 0.8, 0.8)
+    shape = (20, 60, 60)
+    img = np.where(_ball(shape, spacing, (30, 24, 24), 15), 200.0, 100.0).astype(np.float32)
+    lab = _ball(shape, spacing, (30, 24, 24), 15).astype(np.uint8)
+    ip, lp = _write(tmp_path / "i.nii.gz", img, spacing), _write(tmp_path / "l.nii.gz", lab, spacing)
+    plans = _plans(target=(1.5, 1.2, 1.2), num_classes=2)
+    image, label, weight, side = preprocess_case(ip, lp, plans)
+    assert image.shape[1:] == label.shape == weight.shape == tuple(side["resampled_shape"])
+    crop = np.diff(np.asarray(side["crop_box"]), axis=1).ravel()
+    extent_mm = crop * np.asarray(spacing)
+    effective = extent_mm / np.asarray(side["resampled_shape"])
+    np.testing.assert_allclose(effective, plans["target_spacing"], rtol=0.01)
+    # the ball keeps its physical volume (4/3 pi r^3) within a few percent
+    vol_mm3 = label.sum() * np.prod(plans["target_spacing"])
+    assert vol_mm3 == pytest.approx(4 / 3 * np.pi * 15**3, rel=0.05)
+    assert side["class_voxels"] == [int((label == 0).sum()), int(label.sum())]
+
+
+def test_resample_volume_same_extent_and_label_dtype() -> None:
+    x = np.linspace(0, 1, 40, dtype=np.float32)[None, None, :] * np.ones((10, 12, 40), np.float32)
+    r = resample_volume(x, (2.0, 1.0, 1.0), (20, 12, 20))
+    assert r.shape == (20, 12, 20) and r.dtype == np.float32
+    assert abs(float(r.mean()) - float(x.mean())) < 0.01  # same extent: no shift, no border fill
+    lab = (x > 0.5).astype(np.uint8)
+    rl = resample_volume(lab, (2.0, 1.0, 1.0), (20, 12, 20), is_label=True)
+    assert rl.dtype == np.uint8 and set(np.unique(rl)) == {0, 1} and rl[0, 0, 9] == 0 and rl[0, 0, 10] == 1
+
+
+def test_mr_normalisation_foreground_mean0_std1(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    shape, spacing = (30, 30, 30), (1.2, 1.0, 1.0)
+    head = _ball(shape, spacing, (18, 15, 15), 9)
+    img = np.where(head, 300 + 40 * rng.standard_normal(shape), 0).astype(np.float32)
+    img[_ball(shape, spacing, (18, 15, 15), 4)] += 120
+    image, weight, side = preprocess_image(_write(tmp_path / "mr.nii.gz", img, spacing), _plans())
+    fg = image[0][weight == 1]
+    assert abs(float(fg.mean())) < 1e-3 and float(fg.std()) == pytest.approx(1.0, abs=1e-3)
+    assert np.all(image[0][weight == 0] <= 0)  # background was zero and stays at or below zero
+    assert all(a > 0 and b < n for (a, b), n in zip(side["crop_box"], shape, strict=True))  # zeros cropped
+    assert "class_voxels" not in side
+
+
+def test_ct_clip_and_weight_map(tmp_path: Path) -> None:
+    shape, spacing = (16, 20, 20), (2.5, 1.0, 1.0)
+    img = np.full(shape, -3024.0, np.float32)  # outside the scanner's field of view
+    img[:, 4:16, 4:16] = 50.0
+    img[:, 8:12, 8:12] = -500.0
+    image, weight, _ = preprocess_image(_write(tmp_path / "ct.nii.gz", img, spacing), _plans(modalities=("CT",)))
+    assert weight.dtype == np.uint8 and 0 < weight.mean() < 1
+    # -3024 was clipped to -1024 before the percentile clip, so the air stays below the lung-like hole
+    assert image[0].min() < image[0][weight == 0].max() + 1e-6
+
+
+def test_label_values_and_tumour_fusion(tmp_path: Path) -> None:
+    shape, spacing = (16, 16, 16), (1.0, 1.0, 1.0)
+    img = np.full(shape, 100.0, np.float32)
+    lab = np.zeros(shape, np.uint8)
+    lab[3:12, 3:12, 3:12] = 1
+    lab[6:9, 6:9, 6:9] = 2
+    lab[0, 0, 0] = 254  # stray value
+    ip, lp = _write(tmp_path / "i.nii.gz", img, spacing), _write(tmp_path / "l.nii.gz", lab, spacing)
+    _, keep, _, _ = preprocess_case(ip, lp, _plans())
+    assert set(np.unique(keep)) == {0, 1, 2}
+    fused_plans = _plans(label_map={"0": 0, "1": 1, "2": 1}, num_classes=2)
+    _, fused, _, side = preprocess_case(ip, lp, fused_plans)
+    assert set(np.unique(fused)) == {0, 1} and fused.sum() == (lab[lab < 3] > 0).sum()
+    assert side["class_voxels"][1] == 9**3
+
+
+def test_4d_image_two_modalities(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    shape, spacing = (8, 20, 20), (3.0, 0.8, 0.8)
+    body = np.zeros(shape, bool)
+    body[:, 3:17, 3:17] = True
+    t2 = np.where(body, 500 + 50 * rng.standard_normal(shape), 0)
+    adc = np.where(body, 1500 + 200 * rng.standard_normal(shape), 0)
+    arr = np.stack([t2, adc]).astype(np.float32)
+    direction = (0.98, -0.2, 0.0, 0.2, 0.98, 0.0, 0.0, 0.0, 1.0)
+    direction = tuple(np.linalg.qr(np.reshape(direction, (3, 3)))[0].ravel() * np.sign(0.98))
+    ip = _write(tmp_path / "p.nii.gz", arr, spacing, direction=direction)
+    lp = _write(tmp_path / "pl.nii.gz", body.astype(np.uint8), spacing, direction=direction)
+    plans = _plans(target=(3.0, 1.6, 1.6), modalities=("T2", "ADC"), num_classes=2)
+    image, label, weight, side = preprocess_case(ip, lp, plans)
+    assert image.shape == (2, *label.shape) and image.dtype == np.float32
+    for m in range(2):
+        fg = image[m][weight == 1]
+        assert abs(float(fg.mean())) < 0.05 and float(fg.std()) == pytest.approx(1.0, abs=0.05)
+    np.testing.assert_allclose(side["direction"], direction, atol=1e-5)
+    with pytest.raises(DataError, match="dataset.json lists 3 modalities"):
+        preprocess_image(ip, _plans(modalities=("T2", "ADC", "DWI")))
+
+
+def test_sidecar_round_trip(tmp_path: Path) -> None:
+    shape, spacing = (12, 30, 26), (2.0, 0.7, 0.9)
+    origin, direction = (-12.5, 40.0, 7.25), (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    lab = _ball(shape, spacing, (12, 10, 12), 7).astype(np.uint8)
+    img = np.where(lab > 0, 80.0, 20.0).astype(np.float32)
+    img[:, :, :8] = 0  # something to crop
+    ip = _write(tmp_path / "case_7.nii.gz", img, spacing, origin, direction)
+    lp = _write(tmp_path / "case_7_l.nii.gz", lab, spacing, origin, direction)
+    image, label, weight, side = preprocess_case(ip, lp, _plans(target=(1.0, 1.0, 1.0), num_classes=2))
+    out = tmp_path / "train"
+    files = save_case(out, "case_7", image, weight, side, label=label)
+    assert case_is_done(out, "case_7", with_label=True)
+    back = read_json(files["sidecar"])
+    assert back == json.loads(json.dumps(side))  # plain JSON, nothing lost
+    ref = sitk.ReadImage(str(ip))
+    assert back["case"] == "case_7" and back["original_shape"] == list(shape)
+    np.testing.assert_allclose(back["original_spacing_xyz"], ref.GetSpacing())
+    np.testing.assert_allclose(back["origin_xyz"], ref.GetOrigin())
+    np.testing.assert_allclose(back["direction"], ref.GetDirection())
+    assert back["crop_box"] == [[0, 12], [0, 30], [3, 26]]
+    # the sidecar suffices to put the label back: nearest resize to the crop box, paste
+    box = back["crop_box"]
+    crop_shape = [b - a for a, b in box]
+    restored = np.zeros(back["original_shape"], np.uint8)
+    restored[box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]] = resample_volume(
+        np.load(files["label"]), back["target_spacing"], crop_shape, is_label=True
+    )
+    dice = 2 * np.sum((restored > 0) & (lab > 0)) / (restored.sum() + lab.sum())
+    assert dice > 0.9
+    for key in ("image", "label", "weight"):
+        assert np.load(files[key], mmap_mode="r").shape[-3:] == tuple(back["resampled_shape"])
+
+
+def test_zero_mask_stops_bspline_ringing_in_zero_background(tmp_path: Path) -> None:
+    shape, spacing = (24, 24, 24), (1.1, 1.1, 1.1)
+    ball = _ball(shape, spacing, (13, 13, 13), 7)
+    img = np.where(ball, 300.0, 0.0).astype(np.float32)
+    path = _write(tmp_path / "b.nii.gz", img, spacing)
+    paper = _plans()  # zero_mask "none": the B-spline's tiny ringing values count as > 0
+    improved = {**_plans(), "normalisation": {**_plans()["normalisation"], "zero_mask": "nearest"}}
+    _, w_paper, _ = preprocess_image(path, paper)
+    image, w_imp, side = preprocess_image(path, improved)
+    box = side["crop_box"]
+    nearest = resample_volume(crop_to_box(ball.astype(np.uint8), box), spacing, side["resampled_shape"], is_label=True)
+    assert int(w_imp.sum()) == int(nearest.sum())  # exactly the original non-zero region
+    assert w_paper.sum() > 3 * w_imp.sum()  # without the mask, ringing leaks far into the background
+    assert np.all(image[0][w_imp == 0] == 0)
+
+
+def test_zero_background_is_border_connected_zeros_only() -> None:
+    v = np.ones((10, 10, 10), np.int16)
+    v[:, :, :2] = 0  # background touching the border
+    v[5, 5, 5] = 0  # a 0 HU voxel inside tissue
+    bg = zero_background(v)
+    assert bg[:, :, :2].all() and not bg[5, 5, 5] and bg.sum() == 200

@@ -1,0 +1,407 @@
+"""Per-case preprocessing (REFERENCE.md, "Preprocessing"), as plain typed functions.
+
+For one case:
+
+1. read the image (3D, or 4D = several modalities) and crop every modality (and the label) to the
+   bounding box of the non-zero voxels of modality 0, widened by 5 voxels;
+2. resample to the task's target spacing: images with B-spline interpolation, labels with
+   nearest neighbour (SimpleITK). Input and output grids cover the same physical extent (voxel
+   centres aligned as in ``align_corners=False``), which is what ``utils.geometry`` undoes;
+3. CT: clip below -1024; weight map = (modality 0 > 0) after resampling (with the plans'
+   ``normalisation.zero_mask == "nearest"``, the zero background of the original image (zero
+   voxels connected to its border), mapped with nearest neighbour, is set to 0 first, so B-spline ringing around a zero background
+   does not leak into the weight map and the statistics; the paper preset uses ``"none"``);
+4. clip each modality to its 2nd-98th percentile, z-score it with the mean and std of its voxels
+   > 0; voxels that are 0 stay 0;
+5. labels: the task's ``label_map`` (values not listed, e.g. a stray 254, become 0; tumour fused
+   into organ for Liver/Pancreas).
+
+:func:`preprocess_image` does this for an image alone (inference on new images);
+:func:`preprocess_case` for an image and its label. :func:`save_case` writes the arrays and the
+sidecar of ``docs/formats.md`` atomically, sidecar last.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from utils.decathlon import (
+    DataError,
+    Geometry,
+    apply_label_map,
+    case_id_from_path,
+    check_same_geometry,
+    read_image,
+    read_label,
+)
+from utils.io_utils import atomic_save_npy, atomic_write_json
+
+__all__ = [
+    "CROP_MARGIN",
+    "case_files",
+    "case_is_done",
+    "clip_ct",
+    "crop_to_box",
+    "label_class_voxels",
+    "new_shape_for_spacing",
+    "nonzero_bbox",
+    "normalise_modality",
+    "preprocess_arrays",
+    "preprocess_case",
+    "preprocess_image",
+    "resample_volume",
+    "save_case",
+    "weight_map",
+    "zero_background",
+]
+
+#: voxels added on every side of modality 0's non-zero bounding box
+CROP_MARGIN = 5
+
+Box = list[list[int]]
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps
+# ---------------------------------------------------------------------------------------------
+
+
+def nonzero_bbox(volume: np.ndarray, margin: int = CROP_MARGIN) -> Box:
+    """Bounding box of the non-zero voxels of a (z, y, x) volume, widened by ``margin`` voxels
+    and clipped to the volume, as half-open ``[[z0, z1], [y0, y1], [x0, x1]]``.
+
+    An all-zero volume gives the whole volume.
+    """
+    if volume.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) volume, got shape {volume.shape}")
+    nz = volume != 0
+    box: Box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(nz.any(axis=other))
+        n = volume.shape[axis]
+        if hits.size == 0:
+            return [[0, s] for s in volume.shape]
+        box.append([max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, n)])
+    return box
+
+
+def zero_background(volume: np.ndarray) -> np.ndarray:
+    """Boolean mask of the zero background: voxels equal to 0 that are connected (6-neighbourhood)
+    to the border of the (z, y, x) volume. Isolated zeros inside tissue (e.g. 0 HU in a CT) are
+    not background."""
+    zero = volume == 0
+    if not zero.any():
+        return zero
+    labels, _ = ndimage.label(zero)
+    faces = np.concatenate(
+        [labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(), labels[:, :, [0, -1]].ravel()]
+    )
+    border = np.unique(faces)
+    border = border[border > 0]
+    if border.size == 0:
+        return np.zeros_like(zero)
+    return np.isin(labels, border)
+
+
+def crop_to_box(volume: np.ndarray, box: Sequence[Sequence[int]]) -> np.ndarray:
+    """Crop the last three axes of ``volume`` to a half-open (z, y, x) box."""
+    (z0, z1), (y0, y1), (x0, x1) = box
+    return volume[..., z0:z1, y0:y1, x0:x1]
+
+
+def new_shape_for_spacing(
+    shape_zyx: Sequence[int], spacing_zyx: Sequence[float], target_spacing_zyx: Sequence[float]
+) -> tuple[int, int, int]:
+    """Shape that covers the same physical extent at ``target_spacing_zyx`` (rounded, >= 1)."""
+    return tuple(  # type: ignore[return-value]
+        max(1, int(round(n * s / t))) for n, s, t in zip(shape_zyx, spacing_zyx, target_spacing_zyx, strict=True)
+    )
+
+
+def resample_volume(
+    volume: np.ndarray,
+    spacing_zyx: Sequence[float],
+    new_shape_zyx: Sequence[int],
+    *,
+    is_label: bool = False,
+) -> np.ndarray:
+    """Resample a (z, y, x) volume to ``new_shape_zyx`` over the same physical extent.
+
+    Both grids span ``[0, n * spacing)`` per axis with voxel centres in the middle of their
+    voxels, so every output sample lies inside the input (no border fill). Images use cubic
+    B-spline interpolation (float32 result), labels nearest neighbour (dtype kept). Origin and
+    direction do not change the voxel values and are not needed here.
+    """
+    if volume.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) volume, got shape {volume.shape}")
+    new_shape = tuple(int(s) for s in new_shape_zyx)
+    if tuple(volume.shape) == new_shape:
+        return volume.astype(volume.dtype if is_label else np.float32, copy=True)
+    in_spacing_xyz = [float(s) for s in spacing_zyx][::-1]
+    in_size_xyz = list(volume.shape[::-1])
+    out_size_xyz = list(new_shape[::-1])
+    out_spacing_xyz = [n * s / m for n, s, m in zip(in_size_xyz, in_spacing_xyz, out_size_xyz, strict=True)]
+    if is_label:
+        src_dtype = volume.dtype
+        small = volume.size == 0 or (int(volume.min()) >= 0 and int(volume.max()) <= 255)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.uint8 if small else np.int32))
+        interpolator = sitk.sitkNearestNeighbor
+    else:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
+        interpolator = sitk.sitkBSpline
+    image.SetSpacing(in_spacing_xyz)
+    image.SetOrigin([s / 2 for s in in_spacing_xyz])
+    out = sitk.Resample(
+        image,
+        out_size_xyz,
+        sitk.Transform(),
+        interpolator,
+        [s / 2 for s in out_spacing_xyz],
+        out_spacing_xyz,
+        image.GetDirection(),
+        0.0,
+        image.GetPixelID(),
+    )
+    array = sitk.GetArrayFromImage(out)
+    if is_label:
+        return array.astype(src_dtype, copy=False)
+    return array.astype(np.float32, copy=False)
+
+
+def clip_ct(volume: np.ndarray, minimum: float = -1024.0) -> np.ndarray:
+    """CT: values below ``minimum`` (HU) are set to ``minimum`` (in place; returns ``volume``)."""
+    np.maximum(volume, minimum, out=volume)
+    return volume
+
+
+def weight_map(modality0: np.ndarray) -> np.ndarray:
+    """uint8 map, 1 where modality 0 (after resampling and CT clipping) is > 0."""
+    return (modality0 > 0).astype(np.uint8)
+
+
+def normalise_modality(volume: np.ndarray, percentiles: Sequence[float] = (2.0, 98.0)) -> np.ndarray:
+    """Clip to the given percentiles (of the whole volume), then z-score with the mean and std of
+    the voxels > 0; voxels that are 0 after clipping stay 0. Falls back to all voxels when none
+    is > 0, and to std 1 for a constant volume. Returns float32."""
+    v = np.array(volume, dtype=np.float32, copy=True)
+    lo, hi = np.percentile(v, [float(percentiles[0]), float(percentiles[1])])
+    np.clip(v, lo, hi, out=v)
+    positive = v > 0
+    ref = v[positive] if positive.any() else v.ravel().copy()
+    del positive
+    mean = float(np.add.reduce(ref, dtype=np.float64)) / ref.size
+    ref -= np.float32(mean)
+    std = (float(np.add.reduce(ref * ref, dtype=np.float64)) / ref.size) ** 0.5
+    del ref
+    if not np.isfinite(std) or std < 1e-8:
+        std = 1.0
+    zero = v == 0
+    v -= np.float32(mean)
+    v *= np.float32(1.0 / std)
+    v[zero] = 0.0
+    return v
+
+
+def label_class_voxels(label: np.ndarray, num_classes: int) -> list[int]:
+    """Voxel count per class 0..num_classes-1."""
+    counts = np.bincount(label.ravel(), minlength=num_classes)[:num_classes]
+    return [int(c) for c in counts]
+
+
+# ---------------------------------------------------------------------------------------------
+# whole cases
+# ---------------------------------------------------------------------------------------------
+
+
+def _target_spacing(plans: Mapping[str, Any]) -> tuple[float, float, float]:
+    ts = tuple(float(s) for s in plans["target_spacing"])
+    if len(ts) != 3 or any(not s > 0 for s in ts):
+        raise ValueError(f"plans target_spacing must be 3 positive numbers, got {plans['target_spacing']!r}")
+    return ts  # type: ignore[return-value]
+
+
+def preprocess_arrays(
+    image: np.ndarray,
+    geometry: Geometry,
+    plans: Mapping[str, Any],
+    label: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Preprocess arrays already in memory.
+
+    Args:
+        image: float (M, z, y, x) in the original grid.
+        geometry: the image's geometry (spacing is what matters here).
+        plans: the task's plans (``target_spacing``, ``is_ct``, ``normalisation``, ``label_map``).
+        label: optional raw integer (z, y, x) label in the same grid.
+
+    Returns:
+        ``(image, weight, label, sidecar)``: float32 (M, z, y, x), uint8 (z, y, x), uint8
+        (z, y, x) or ``None``, and the sidecar fields that depend on the arrays (``original_shape``,
+        ``crop_box``, ``resampled_shape``, ``target_spacing``, ``class_voxels`` with a label).
+    """
+    if image.ndim != 4:
+        raise ValueError(f"image must be (modality, z, y, x), got shape {image.shape}")
+    norm = plans.get("normalisation", {})
+    percentiles = tuple(norm.get("clip_percentiles", (2, 98)))
+    ct_min = float(norm.get("ct_clip_min", -1024))
+    target = _target_spacing(plans)
+    box = nonzero_bbox(image[0], CROP_MARGIN)
+    cropped = crop_to_box(image, box)
+    crop_shape = cropped.shape[1:]
+    new_shape = new_shape_for_spacing(crop_shape, geometry.spacing_zyx, target)
+
+    zero_mask = str(norm.get("zero_mask", "none"))
+    if zero_mask not in ("none", "nearest"):
+        raise ValueError(f"unknown normalisation zero_mask {zero_mask!r}")
+    keep: np.ndarray | None = None
+    if zero_mask == "nearest":  # the zero background of the original stays 0 (no B-spline ringing)
+        inside = (~zero_background(cropped[0])).astype(np.uint8)
+        keep = resample_volume(inside, geometry.spacing_zyx, new_shape, is_label=True).astype(bool)
+
+    out = np.empty((image.shape[0], *new_shape), dtype=np.float32)
+    weight: np.ndarray | None = None
+    for m in range(image.shape[0]):
+        vol = resample_volume(cropped[m], geometry.spacing_zyx, new_shape)
+        if keep is not None:
+            vol[~keep] = 0.0
+        if plans.get("is_ct", False):
+            clip_ct(vol, ct_min)
+        if m == 0:
+            weight = weight_map(vol)
+        out[m] = normalise_modality(vol, percentiles)
+    assert weight is not None
+
+    sidecar: dict[str, Any] = {
+        "original_shape": [int(s) for s in image.shape[1:]],
+        "crop_box": box,
+        "resampled_shape": [int(s) for s in new_shape],
+        "target_spacing": [float(s) for s in target],
+    }
+    lab_out: np.ndarray | None = None
+    if label is not None:
+        if tuple(label.shape) != tuple(image.shape[1:]):
+            raise ValueError(f"label shape {label.shape} differs from image shape {image.shape[1:]}")
+        mapped = apply_label_map(crop_to_box(label, box), {int(k): int(v) for k, v in plans["label_map"].items()})
+        lab_out = resample_volume(mapped, geometry.spacing_zyx, new_shape, is_label=True).astype(np.uint8)
+        sidecar["class_voxels"] = label_class_voxels(lab_out, int(plans["num_classes"]))
+    return out, weight, lab_out, sidecar
+
+
+def _sidecar(case_id: str, image_path: Path, geometry: Geometry, fields: Mapping[str, Any]) -> dict[str, Any]:
+    geo = geometry.as_dict()
+    side: dict[str, Any] = {
+        "case": case_id,
+        "image_file": str(image_path.resolve()),
+        "original_shape": geo["original_shape"],
+        "crop_box": fields["crop_box"],
+        "resampled_shape": fields["resampled_shape"],
+        "original_spacing_xyz": geo["original_spacing_xyz"],
+        "origin_xyz": geo["origin_xyz"],
+        "direction": geo["direction"],
+        "target_spacing": fields["target_spacing"],
+    }
+    if "class_voxels" in fields:
+        side["class_voxels"] = fields["class_voxels"]
+    return side
+
+
+def preprocess_image(
+    image_path: str | os.PathLike[str],
+    plans: Mapping[str, Any],
+    *,
+    verify: bool = True,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Preprocess one raw image (3D or 4D NIfTI) without a label, e.g. for inference.
+
+    Args:
+        image_path: the NIfTI file.
+        plans: the task's ``plans.json`` dict.
+        verify: check the file for truncation first (decompresses it once more).
+
+    Returns:
+        ``(image, weight, sidecar)``: float32 (M, z, y, x), uint8 (z, y, x) and the sidecar dict
+        of ``docs/formats.md`` (no ``class_voxels``).
+
+    Raises:
+        DataError: unreadable/truncated file or a modality count that disagrees with the plans.
+    """
+    image_path = Path(image_path)
+    image, geom = read_image(image_path, len(plans["modalities"]), verify=verify)
+    img, weight, _, fields = preprocess_arrays(image, geom, plans)
+    return img, weight, _sidecar(case_id_from_path(image_path), image_path, geom, fields)
+
+
+def preprocess_case(
+    image_path: str | os.PathLike[str],
+    label_path: str | os.PathLike[str],
+    plans: Mapping[str, Any],
+    *,
+    verify: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Preprocess a training case (image + label).
+
+    Returns:
+        ``(image, label, weight, sidecar)``: float32 (M, z, y, x), uint8 (z, y, x) classes,
+        uint8 (z, y, x) weight, and the sidecar dict (with ``class_voxels``).
+
+    Raises:
+        DataError: missing/unreadable/truncated image or label, image and label with different
+            shape or geometry, modality count disagreeing with the plans.
+    """
+    image_path, label_path = Path(image_path), Path(label_path)
+    if not label_path.is_file():
+        raise DataError(label_path, "label file not found")
+    image, geom = read_image(image_path, len(plans["modalities"]), verify=verify)
+    label, lgeom = read_label(label_path, verify=verify)
+    check_same_geometry(geom, lgeom, label_path)
+    img, weight, lab, fields = preprocess_arrays(image, geom, plans, label)
+    assert lab is not None
+    return img, lab, weight, _sidecar(case_id_from_path(image_path), image_path, geom, fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# output files
+# ---------------------------------------------------------------------------------------------
+
+
+def case_files(out_dir: str | os.PathLike[str], case_id: str, *, with_label: bool) -> dict[str, Path]:
+    """Paths of a case's output files (``docs/formats.md``): image, [label], weight, sidecar."""
+    d = Path(out_dir)
+    files = {"image": d / f"{case_id}_image.npy"}
+    if with_label:
+        files["label"] = d / f"{case_id}_label.npy"
+    files["weight"] = d / f"{case_id}_weight.npy"
+    files["sidecar"] = d / f"{case_id}.json"
+    return files
+
+
+def case_is_done(out_dir: str | os.PathLike[str], case_id: str, *, with_label: bool) -> bool:
+    """A case is done when its sidecar and all its arrays exist."""
+    return all(p.is_file() for p in case_files(out_dir, case_id, with_label=with_label).values())
+
+
+def save_case(
+    out_dir: str | os.PathLike[str],
+    case_id: str,
+    image: np.ndarray,
+    weight: np.ndarray,
+    sidecar: Mapping[str, Any],
+    label: np.ndarray | None = None,
+) -> dict[str, Path]:
+    """Write a case atomically: arrays first, the sidecar last (it marks a finished case)."""
+    files = case_files(out_dir, case_id, with_label=label is not None)
+    files["sidecar"].unlink(missing_ok=True)  # an overwritten case is "not done" until finished
+    atomic_save_npy(files["image"], image.astype(np.float32, copy=False))
+    if label is not None:
+        atomic_save_npy(files["label"], label.astype(np.uint8, copy=False))
+    atomic_save_npy(files["weight"], weight.astype(np.uint8, copy=False))
+    atomic_write_json(files["sidecar"], dict(sidecar))
+    return files
