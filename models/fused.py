@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 _SPATIAL = (2, 3, 4)
+# The Gram-matrix trick computes C*C products to get C of them; worth it only for large volumes.
+_GRAM_MIN_VOXELS_PER_CHANNEL = 512
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
@@ -43,7 +45,10 @@ def _spatial_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ra, rb = _rows(a), _rows(b)
     n, c = a.shape[:2]
     if ra is not None and rb is not None and ra[1] == rb[1]:
-        if ra[1]:  # (N, C, S) @ (N, S, C): the diagonal is what we need; C is small where S is large
+        if ra[1]:
+            if ra[0].shape[1] < _GRAM_MIN_VOXELS_PER_CHANNEL * c:  # small volume: a temporary is cheap
+                return (a * b).sum(dim=_SPATIAL)
+            # (N, C, S) @ (N, S, C): the diagonal is what we need; C is small where S is large
             return torch.bmm(ra[0].transpose(1, 2), rb[0]).diagonal(dim1=1, dim2=2)
         return torch.bmm(ra[0], rb[0].transpose(1, 2)).view(n, c)
     return (a * b).sum(dim=_SPATIAL)
@@ -77,11 +82,12 @@ class _InstanceNormAct(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         x, y, mean, rstd, weight = ctx.saved_tensors
         n, c = x.shape[:2]
+        # Gradients arriving through torch.cat or upsampling can be strided or in the other layout;
+        # one copy into x's layout keeps every pass below on the fast contiguous path.
+        g = grad_out.contiguous(memory_format=_format_of(x))
         if ctx.slope is not None:
             # LeakyReLU with a positive slope keeps the sign, so y > 0 exactly where its input > 0.
-            g = torch.ops.aten.leaky_relu_backward(grad_out, y, ctx.slope, True)
-        else:
-            g = grad_out.contiguous(memory_format=_format_of(x))
+            g = torch.ops.aten.leaky_relu_backward(g, y, ctx.slope, True)
         m = ctx.count
         sum_g = _spatial_sum(g).double()  # (N, C)
         sum_gx = _spatial_dot(g, x).double()
