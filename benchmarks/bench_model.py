@@ -12,9 +12,9 @@ The universal model has the five paper tasks (Heart, Liver, Hippocampus, Prostat
 trains task 0; the dense reference is the independent model of one task. "plain" runs the network
 with PyTorch's own InstanceNorm3d / depthwise conv3d (the original's formulation), "fused" with
 this project's fused kernels (models/fused.py; same results, tested); "cl" = channels_last_3d;
-"fast" = cl + fused + PyTorch's 2 MB transparent-huge-page CPU allocations (THP_MEM_ALLOC_ENABLE=1,
-which the training and prediction scripts switch on; it removes the page-fault cost of the many
-large short-lived activations).
+"fast" = cl + fused + glibc keeping freed memory in its heap (utils/cpu_perf.py, which the training
+and prediction scripts switch on for CPU runs; it removes the page-fault and zeroing cost of the
+many large short-lived activations).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 FIVE_MODALITIES = [1, 1, 1, 2, 1]
 FIVE_CLASSES = [2, 2, 3, 3, 2]
 
-# name: (train_mode, module, channels_last, fused, transparent huge pages)
+# name: (train_mode, module, channels_last, fused, keep freed memory in the heap)
 CONFIGS: dict[str, tuple[str, str | None, bool, bool, bool]] = {
     "independent/plain": ("independent", None, False, False, False),
     "independent/fast": ("independent", None, True, True, True),
@@ -45,6 +45,9 @@ CONFIGS: dict[str, tuple[str, str | None, bool, bool, bool]] = {
 }
 
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def run_one(name: str, patch: tuple[int, int, int], batch: int, steps: int, warmup: int, device: str,
             base: int, amp: bool) -> dict:
     """Measure one configuration in this process; returns a JSON-able dict."""
@@ -52,10 +55,13 @@ def run_one(name: str, patch: tuple[int, int, int], batch: int, steps: int, warm
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from models import build_model, count_parameters
 
-    mode, module, channels_last, fused, _thp = CONFIGS[name]
+    mode, module, channels_last, fused, heap = CONFIGS[name]
+    if heap and device == "cpu":
+        from utils.cpu_perf import keep_freed_memory_in_heap
+
+        keep_freed_memory_in_heap()
     torch.manual_seed(1)
     if mode == "independent":
         model = build_model(mode, [1], [2], base_channels=base)
@@ -142,12 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--_worker", name, "--patch", *map(str, patch),
                "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--device", args.device, "--base", str(args.base)] + (["--amp"] if args.amp else [])
-        env = dict(os.environ)
-        if CONFIGS[name][4]:
-            env["THP_MEM_ALLOC_ENABLE"] = "1"
-        else:
-            env.pop("THP_MEM_ALLOC_ENABLE", None)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{name:<30} FAILED: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
             continue

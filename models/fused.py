@@ -100,8 +100,10 @@ class _InstanceNormAct(torch.autograd.Function):
         b = -a * rstd * sum_g_xhat / m
         cc = -a * sum_g / m - b * mean
         shape = (n, c, 1, 1, 1)
-        grad_x = torch.addcmul(cc.to(x.dtype).view(shape), x, b.to(x.dtype).view(shape))
-        grad_x.addcmul_(g, a.to(x.dtype).view(shape))
+        # A fresh CPU tensor costs several passes over memory (page faults and zeroing), so the
+        # input gradient is built in place in g's buffer when g is ours (not grad_out itself).
+        grad_x = g.mul_(a.to(x.dtype).view(shape)) if g is not grad_out else g * a.to(x.dtype).view(shape)
+        grad_x.addcmul_(x, b.to(x.dtype).view(shape)).add_(cc.to(x.dtype).view(shape))
         return grad_x, grad_weight, grad_bias, None, None
 
 
@@ -155,13 +157,53 @@ class _DepthwiseConv3d(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.conv3d(grad_out, weight.flip(2, 3, 4), None, padding=pad, groups=channels)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, [1, 1, 1], [pad] * 3, [1, 1, 1], False, [0, 0, 0], channels,
-                [False, True, False],
-            )[1]
+            grad_w = _depthwise_weight_grad(grad_out, x, weight, pad)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(dim=(0, 2, 3, 4))
         return grad_x, grad_w, grad_b, None
+
+
+# Up to this many channels, the weight gradient is faster as a sum of 2D depthwise gradients
+# (measured with oneDNN on CPU: 16 ch 79 -> 59 ms, 32 ch 273 -> 155 ms at 2x64^3; slower at 64 ch).
+_WEIGHT_GRAD_2D_MAX_CHANNELS = 32
+
+
+def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pad: int) -> torch.Tensor:
+    """Weight gradient of a stride-1 depthwise conv3d, shape (C, 1, k, k, k).
+
+    For channels_last_3d CPU tensors with few channels it is computed slice by slice in z: the
+    (z, y, x) correlation is a sum over kernel depth of 2D (y, x) correlations between z-shifted
+    slabs, and each sample's slabs are zero-copy (D, C, H, W) channels_last 2D batches.
+    """
+    channels, k = weight.shape[0], weight.shape[-1]
+    fmt = torch.channels_last_3d
+    use_2d = (
+        x.device.type == "cpu"
+        and channels <= _WEIGHT_GRAD_2D_MAX_CHANNELS
+        and x.is_contiguous(memory_format=fmt)
+        and grad_out.is_contiguous(memory_format=fmt)
+        and channels > 1
+    )
+    if not use_2d:
+        return torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [1, 1, 1], [pad] * 3, [1, 1, 1], False, [0, 0, 0], channels,
+            [False, True, False],
+        )[1]
+    depth = x.shape[2]
+    weight_2d = weight[:, :, 0]
+    grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    for n in range(x.shape[0]):
+        for kz in range(k):
+            dz = kz - pad  # output slice z reads input slice z + dz
+            lo, hi = max(0, -dz), min(depth, depth - dz)
+            if hi <= lo:
+                continue
+            g2 = grad_out[n, :, lo:hi].transpose(0, 1)  # (d, C, H, W), channels_last 2D view
+            x2 = x[n, :, lo + dz : hi + dz].transpose(0, 1)
+            grad_w[:, :, kz] += torch.ops.aten.convolution_backward(
+                g2, x2, weight_2d, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], channels, [False, True, False]
+            )[1]
+    return grad_w.to(memory_format=torch.contiguous_format if weight.is_contiguous() else fmt)
 
 
 def depthwise_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
