@@ -366,7 +366,8 @@ def generate_task(
     n_test: int = 3,
     size: int = 64,
 ) -> Path:
-    """Write one demo task (``dataset.json``, ``imagesTr``, ``labelsTr``, ``imagesTs``).
+    """Write one demo task (``dataset.json``, ``imagesTr``, ``labelsTr``, ``imagesTs`` and the test
+    cases' labels in ``labelsTs``, which real MSD tasks do not have).
 
     Returns the task folder.
     """
@@ -385,10 +386,12 @@ def generate_task(
             case.label[tuple(bg[len(bg) // 2])] = 254
         sub = "imagesTs" if is_test else "imagesTr"
         _write_nifti(_to_sitk(case, case.images, case.dtype), root / sub / f"{case_id}.nii.gz")
+        # test labels go to labelsTs/ (not part of the MSD layout: real tasks have none); the demo
+        # scores its test predictions against them
+        _write_nifti(_to_sitk(case, [case.label], np.uint8), root / ("labelsTs" if is_test else "labelsTr") / f"{case_id}.nii.gz")
         if is_test:
             test.append(f"./imagesTs/{case_id}.nii.gz")
         else:
-            _write_nifti(_to_sitk(case, [case.label], np.uint8), root / "labelsTr" / f"{case_id}.nii.gz")
             training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
     if name == "Task92_DemoHippoMR" and n_train:  # MSD quirk: macOS resource forks in the archive
         for sub in ("imagesTr", "labelsTr"):
@@ -435,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m utils.demo_data",
         description="Write small synthetic MSD-format tasks (Task folders with dataset.json, imagesTr, "
-        "labelsTr, imagesTs) for trying the pipeline without downloading data.",
+        "labelsTr, imagesTs, plus the test labels in labelsTs) for trying the pipeline without downloading data.",
     )
     ap.add_argument("--out", required=True, help="output folder (e.g. dataset/ or demo_data/); created if missing")
     ap.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files (default 0)")

@@ -1,0 +1,225 @@
+"""Benchmark: training steps of the paper preset on a GPU (fp32 and AMP), with the real data loader.
+
+Runs ``--steps`` (20) timed training steps, after ``--warmup`` (3) untimed ones, of
+
+* the universal five-task model (separable adapters; Heart, Liver, Hippocampus, Prostate, Pancreas
+  settings: modalities, classes, task patches), model patch 128³, batch 2, base 16, round robin,
+  every task patch resized to 128³ by the loader: in fp32 (the preset) and with ``--amp``;
+* the dense independent model (1 modality, 2 classes, pools 5,5,5) at the same 128³ patch, batch 2;
+
+and prints, per configuration, the median step time (loader included), the median time of the
+same step on a batch already on the GPU (compute only), the peak GPU memory, and whether the data
+loader kept up (time spent waiting for batches below 10% of the loop time).
+
+Data: synthetic preprocessed cases (``training.synthetic``) written to a temporary folder, so the
+script runs on a bare GPU machine with only the project's requirements::
+
+    .venv/bin/python benchmarks/bench_train_gpu.py                  # on the GPU machine
+    .venv/bin/python benchmarks/bench_train_gpu.py --smoke          # tiny, CPU, a few seconds
+    .venv/bin/python benchmarks/bench_train_gpu.py --workers 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from models import build_model  # noqa: E402
+from training.data import TaskData, make_epoch_loader, scan_cases  # noqa: E402
+from training.optim import make_optimizer  # noqa: E402
+from training.step import StepOptions, train_step  # noqa: E402
+from training.synthetic import make_synthetic_task  # noqa: E402
+from utils.losses import SegmentationLoss  # noqa: E402
+from utils.sampling import list_cases  # noqa: E402
+
+#: (name, modalities, classes, task patch, pools) of the five-task preset (REFERENCE.md)
+PRESET_TASKS = [
+    ("Task02_Heart", 1, 2, (80, 192, 128), (4, 5, 5)),
+    ("Task03_Liver", 1, 2, (128, 128, 128), (5, 5, 5)),
+    ("Task04_Hippocampus", 1, 3, (40, 56, 40), (3, 3, 3)),
+    ("Task05_Prostate", 2, 3, (20, 192, 192), (2, 5, 5)),
+    ("Task07_Pancreas", 1, 2, (96, 160, 128), (4, 5, 5)),
+]
+
+
+def make_tasks(root: Path, *, smoke: bool, cases: int) -> list[TaskData]:
+    """Synthetic preprocessed tasks: volumes a bit larger than the task patch."""
+    tasks = []
+    for i, (name, mods, classes, patch, pools) in enumerate(PRESET_TASKS):
+        if smoke:
+            patch, pools = (8, 16, 16) if mods == 2 else (16, 16, 16), (2, 2, 2)
+        shape = [p + max(8, p // 4) for p in patch]
+        plans, _ = make_synthetic_task(root, name, num_modalities=mods, num_classes=classes, shape=shape,
+                                       patch=patch, pools=pools, n_train=cases, n_val=0, seed=i)  # fmt: skip
+        tasks.append(TaskData(name, plans, root / name, list_cases(root / name), []))
+    return tasks
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_config(
+    label: str,
+    model: torch.nn.Module,
+    tasks: list[TaskData],
+    *,
+    model_patch: tuple[int, int, int] | None,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    batch: int,
+    steps: int,
+    warmup: int,
+    workers: int,
+    channels_last: bool,
+) -> dict[str, Any]:
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    model.set_fused_ops(device.type == "cpu" and amp_dtype is None)  # type: ignore[operator]
+    model.train()
+    opt = make_optimizer(model.parameters())
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    loss_fn = SegmentationLoss()
+    options = StepOptions(device, amp_dtype, channels_last)
+    for t in tasks:
+        scan_cases(t)
+    loaders = [make_epoch_loader(t, i, 1, batch_size=batch, seed=1993, model_patch=model_patch,
+                                 num_workers=workers) for i, t in enumerate(tasks)]  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times, waits, compute = [], [], []
+    last_batch: dict[int, dict[str, Any]] = {}
+    try:
+        t_loop = None
+        for k in range(warmup + steps):
+            if k == warmup:
+                sync(device)
+                t_loop = time.perf_counter()
+            t_idx = k % len(tasks)
+            t0 = time.perf_counter()
+            b = next(loaders[t_idx])
+            t1 = time.perf_counter()
+            train_step(model, opt, loss_fn, b["data"], b["seg"], t_idx, options, scaler=scaler)
+            sync(device)
+            t2 = time.perf_counter()
+            last_batch[t_idx] = b
+            if k >= warmup:
+                waits.append(t1 - t0)
+                step_times.append(t2 - t0)
+        assert t_loop is not None
+        loop_time = time.perf_counter() - t_loop
+        # compute only: the same steps on batches already on the device
+        gpu_batches = {i: (options.to_input(b["data"]), b["seg"].to(device)) for i, b in last_batch.items()}
+        for k in range(steps):
+            t_idx = k % len(tasks)
+            x, y = gpu_batches[t_idx]
+            t0 = time.perf_counter()
+            train_step(model, opt, loss_fn, x, y, t_idx, options, scaler=scaler)
+            sync(device)
+            compute.append(time.perf_counter() - t0)
+    finally:
+        for ld in loaders:
+            ld._finish()  # type: ignore[attr-defined]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    wait_frac = sum(waits) / loop_time
+    res = {
+        "config": label,
+        "median_step_s": statistics.median(step_times),
+        "median_compute_step_s": statistics.median(compute),
+        "median_data_wait_s": statistics.median(waits),
+        "data_wait_fraction": wait_frac,
+        "loader_kept_up": wait_frac < 0.10,
+        "peak_gpu_mem_gib": peak,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    model.to("cpu")
+    del opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (patch 16³, base 4) for a CPU check of the script")
+    ap.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (cudnn autotuning, worker start)")
+    ap.add_argument("--workers", type=int, default=3, help="loader worker processes per task")
+    ap.add_argument("--cases", type=int, default=2, help="synthetic training cases per task")
+    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16"],
+                    help="AMP dtype of the --amp runs (auto: bf16 where supported, else fp16)")  # fmt: skip
+    ap.add_argument("--configs", nargs="+", default=["universal_fp32", "universal_amp", "independent_fp32"],
+                    choices=["universal_fp32", "universal_amp", "independent_fp32", "independent_amp"],
+                    help="which configurations to run")  # fmt: skip
+    ap.add_argument("--channels_last", action="store_true", help="channels_last_3d on the GPU too")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("CUDA is not available (use --smoke for a CPU check)")
+        torch.backends.cudnn.benchmark = True
+    if args.amp == "auto":
+        amp = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    steps, warmup = (3, 1) if args.smoke and args.steps == 20 else (args.steps, args.warmup)
+    base = 4 if args.smoke else 16
+    model_patch = (16, 16, 16) if args.smoke else (128, 128, 128)
+    pools = (2, 2, 2) if args.smoke else (5, 5, 5)
+    channels_last = args.channels_last or device.type == "cpu"
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "steps": steps, "warmup": warmup, "workers_per_task": args.workers,
+            "amp_dtype": str(amp).replace("torch.", ""), "model_patch": model_patch, "base": base, "batch": 2}  # fmt: skip
+    print(json.dumps(info), flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        t0 = time.perf_counter()
+        tasks = make_tasks(Path(tmp), smoke=args.smoke, cases=args.cases)
+        print(f"synthetic data: {time.perf_counter() - t0:.1f}s", flush=True)
+        liver = [t for t in tasks if t.name == "Task03_Liver"]
+        liver[0].plans["patch_size"] = list(model_patch)  # the dense model at the same patch as the universal one
+        for cfg in args.configs:
+            kind, prec = cfg.split("_")
+            torch.manual_seed(1)
+            if kind == "universal":
+                model = build_model("universal", [t.num_modalities for t in tasks], [t.num_classes for t in tasks],
+                                    module="separable_adapter", base_channels=base, pools_per_axis=pools)  # fmt: skip
+                cfg_tasks, mp = tasks, model_patch
+            else:
+                model = build_model("independent", [1], [2], base_channels=base, pools_per_axis=pools)
+                cfg_tasks, mp = liver, None
+            res = run_config(cfg, model, cfg_tasks, model_patch=mp, device=device, amp_dtype=amp if prec == "amp" else None,
+                             batch=2, steps=steps, warmup=warmup, workers=args.workers, channels_last=channels_last)  # fmt: skip
+            results.append(res)
+            print(
+                f"{cfg:18s} median step {res['median_step_s']:.3f}s (compute only {res['median_compute_step_s']:.3f}s), "
+                f"data wait {100 * res['data_wait_fraction']:.0f}% -> loader {'kept up' if res['loader_kept_up'] else 'did NOT keep up'}, "
+                f"peak GPU memory {res['peak_gpu_mem_gib']:.2f} GiB, {res['params']:,} parameters",
+                flush=True,
+            )
+            del model
+    if args.json:
+        Path(args.json).write_text(json.dumps({"info": info, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

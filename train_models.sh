@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# 3D U²-Net experiments.
+#
+#   bash train_models.sh            the paper's experiment list on dataset/ (GPU-sized, days of training):
+#                                   independent model per task, shared model, universal model, and the
+#                                   shared and universal models adapted to Task09_Spleen
+#   bash train_models.sh --demo     laptop demo on generated data: under 10 minutes on 2 CPU cores
+#   bash train_models.sh --dry_run  print the paper list's commands without running them
+#
+# Environment: PYTHON (default: the first of python, python3, .venv/bin/python that has the
+# requirements), TAG (paper list: output folder tag, default "paper"), DEVICE (paper list: default
+# cuda). See docs/training.md.
+set -euo pipefail
+cd "$(dirname "$0")"
+# the first Python that has the requirements: $PYTHON, python, python3, ./.venv/bin/python
+PY=""
+for cand in ${PYTHON:-} python python3 .venv/bin/python; do
+    if command -v "$cand" > /dev/null 2>&1 && "$cand" -c "import torch, SimpleITK, batchgenerators" > /dev/null 2>&1; then
+        PY="$cand"
+        break
+    fi
+done
+if [[ -z "$PY" ]]; then
+    echo "no Python with the requirements found: pip install -r requirements.txt (or set PYTHON=...)" >&2
+    exit 2
+fi
+
+FIVE="Task02_Heart Task03_Liver Task04_Hippocampus Task05_Prostate Task07_Pancreas"
+FIVE_DIR="${FIVE// /_}"
+
+paper() {
+    local run="$1" TAG="${TAG:-paper}" DEV="${DEVICE:-cuda}"
+    # data: header statistics, preprocessing (resumable: finished cases are skipped) and fold splits
+    $run "$PY" data_explore.py --dataset_dir dataset
+    $run "$PY" preprocess_taskSep.py --dataset_dir dataset --prep_dir prepData
+    # independent models (one per task, each with its own patch, pools and batch size)
+    for task in $FIVE Task09_Spleen; do
+        $run "$PY" train_model_no_adapters.py --trainMode independent --out_tag "$TAG" --device "$DEV" --tasks "$task"
+    done
+    # shared model, then adapted to Task09_Spleen (shared weights frozen; new heads and norms)
+    $run "$PY" train_model_no_adapters.py --trainMode shared --out_tag "$TAG" --device "$DEV" --tasks $FIVE
+    $run "$PY" train_model_wt_adapters.py --trainMode shared --out_tag "${TAG}_adapted2spleen" --device "$DEV" \
+        --tasks Task09_Spleen --ckp "results/res_u2net3d_shared_${TAG}/${FIVE_DIR}/checkpoints/best.pt"
+    # universal model (separable adapters), then adapted to Task09_Spleen (new depthwise adapters, norms, heads)
+    $run "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --base_outChans 16 \
+        --out_tag "$TAG" --device "$DEV" --tasks $FIVE
+    $run "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --base_outChans 16 \
+        --out_tag "${TAG}_sep_adapted2spleen" --device "$DEV" --tasks Task09_Spleen \
+        --ckp "results/res_u2net3d_universal_${TAG}/${FIVE_DIR}/checkpoints/best.pt"
+}
+
+# ------------------------------------------------------------------------------------------------
+# laptop demo: 3 generated training tasks + 1 new domain, small model, short schedule, all on CPU
+# ------------------------------------------------------------------------------------------------
+DEMO_DATA=dataset_demo
+DEMO_PREP=prepData_demo
+DEMO_RES=results/demo
+DEMO_TASKS="Task91_DemoLiverCT Task92_DemoHippoMR Task93_DemoProstateMR"
+DEMO_NEW=Task94_DemoSpleenCT
+
+demo() {
+    local t0=$SECONDS
+    local logs="$DEMO_RES/logs"
+    # two single-threaded processes at a time use 2 cores best (small tensors scale badly over threads)
+    export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+    # stop the background runs too if the demo fails or is interrupted
+    trap 'kill $(jobs -p) 2> /dev/null || true' EXIT INT TERM
+    rm -rf "$DEMO_RES" "$DEMO_PREP"
+    mkdir -p "$logs"
+    stamp() { printf '[demo %3ds] %s\n' "$((SECONDS - t0))" "$*"; }
+    # every run: small model (base 8), 32³ model patch, 3 pools, batch 2, lr 3e-3, one validation at the end
+    local common=(--prep_dir "$DEMO_PREP" --folds_file "$DEMO_RES/fold_splits.json" --results_dir "$DEMO_RES"
+        --dataset_dir "$DEMO_DATA" --base_outChans 8 --batch_size 2 --lr "${DEMO_LR:-3e-3}" --val_every 0 --save_every 1000
+        --num_workers 0 --threads 1 --device cpu --log_images_every 200 --no_progress)
+    local multi=(--model_patch 32 32 32 --pools 3 3 3 --max_epoch "${DEMO_EPOCHS_MULTI:-4}" --steps_per_epoch 150)
+
+    stamp "generating demo tasks into $DEMO_DATA/"
+    rm -rf "$DEMO_DATA"
+    "$PY" -m utils.demo_data --out "$DEMO_DATA" --n_train 12 --n_test 3 --size "${DEMO_SIZE:-40}"
+    stamp "data_explore.py"
+    "$PY" data_explore.py --dataset_dir "$DEMO_DATA" --out_dir "$DEMO_RES/data_explore" --no_progress > "$logs/data_explore.log"
+    stamp "preprocess_taskSep.py -> $DEMO_PREP/"
+    "$PY" preprocess_taskSep.py --dataset_dir "$DEMO_DATA" --prep_dir "$DEMO_PREP" --folds_file "$DEMO_RES/fold_splits.json" \
+        --nProc 2 --no_progress > "$logs/preprocess.log"
+
+    # two training processes at a time (one thread each): the 2 cores stay busy
+    stamp "training independent models (log $logs/independent.log) and the universal model ($logs/universal.log)"
+    "$PY" train_model_no_adapters.py --trainMode independent --out_tag demo --tasks $DEMO_TASKS "${common[@]}" \
+        --patch_size 32 32 32 --max_epoch 4 --steps_per_epoch 50 > "$logs/independent.log" 2>&1 &
+    local p1=$!
+    "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo \
+        --tasks $DEMO_TASKS "${common[@]}" "${multi[@]}" > "$logs/universal.log" 2>&1 &
+    local p2=$!
+    wait $p1 || { tail -20 "$logs/independent.log"; exit 1; }
+    stamp "independent models done; training the shared model ($logs/shared.log)"
+    "$PY" train_model_no_adapters.py --trainMode shared --out_tag demo --tasks $DEMO_TASKS "${common[@]}" "${multi[@]}" \
+        > "$logs/shared.log" 2>&1 &
+    local p3=$!
+    wait $p2 || { tail -20 "$logs/universal.log"; exit 1; }
+    local uni="$DEMO_RES/res_u2net3d_universal_demo/${DEMO_TASKS// /_}"
+    stamp "universal model done; adapting it to the new domain $DEMO_NEW ($logs/universal_adapted.log)"
+    "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted \
+        --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" --max_epoch 4 --steps_per_epoch 50 \
+        > "$logs/universal_adapted.log" 2>&1 &
+    local p4=$!
+    wait $p3 || { tail -20 "$logs/shared.log"; exit 1; }
+    wait $p4 || { tail -20 "$logs/universal_adapted.log"; exit 1; }
+
+    stamp "segmenting the test images with predict.py ($logs/predict.log)"
+    local jobs=()
+    for task in $DEMO_TASKS; do
+        jobs+=("independent $DEMO_RES/res_u2net3d_independent_demo/$task $task")
+        jobs+=("shared $DEMO_RES/res_u2net3d_shared_demo/${DEMO_TASKS// /_} $task")
+        jobs+=("universal $uni $task")
+    done
+    jobs+=("universal_adapted $DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW $DEMO_NEW")
+    : > "$logs/predict.log"
+    local lane lane_pids=()
+    for lane in 0 1; do
+        (
+            local i=0 mode dir task
+            for job in "${jobs[@]}"; do
+                if ((i % 2 == lane)); then
+                    read -r mode dir task <<< "$job"
+                    "$PY" predict.py --ckp "$dir/checkpoints/best.pt" --task "$task" --input "$DEMO_DATA/$task/imagesTs" \
+                        --output "$DEMO_RES/predictions/$mode/$task" --no_progress >> "$logs/predict.log" 2>&1
+                fi
+                i=$((i + 1))
+            done
+        ) &
+        lane_pids+=($!)
+    done
+    for pid in "${lane_pids[@]}"; do
+        wait "$pid" || { tail -20 "$logs/predict.log"; exit 1; }
+    done
+
+    stamp "Dice on the test cases"
+    "$PY" -m training.demo_summary --dataset_dir "$DEMO_DATA" --results_dir "$DEMO_RES" \
+        --run independent="$DEMO_RES/res_u2net3d_independent_demo" \
+        --run shared="$DEMO_RES/res_u2net3d_shared_demo/${DEMO_TASKS// /_}" \
+        --run universal="$uni" \
+        --run universal_adapted="$DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW" --strict
+    stamp "done in $((SECONDS - t0)) s; summary: $DEMO_RES/summary.csv"
+    echo "demo wall time: $((SECONDS - t0)) s" > "$DEMO_RES/wall_time.txt"
+}
+
+case "${1:-}" in
+    --demo) demo ;;
+    --dry_run) paper echo ;;
+    "") paper "" ;;
+    -h | --help) sed -n '2,12p' "$0" ;;
+    *) echo "unknown option $1 (use --demo, --dry_run or nothing)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,122 @@
+"""Summary of the laptop demo: Dice per (mode, task, class) of the test predictions, and parameters.
+
+    python -m training.demo_summary --dataset_dir dataset_demo --results_dir results/demo \\
+        --run independent=results/demo/res_u2net3d_independent_demo \\
+        --run shared=results/demo/res_u2net3d_shared_demo/Task91_..._Task93_... ...
+
+For every ``--run MODE=FOLDER`` the checkpoint(s) below FOLDER (``*/checkpoints/best.pt`` or
+``checkpoints/best.pt``) say which tasks the mode has and how many parameters it costs; the
+predictions are read from ``<results_dir>/predictions/<MODE>/<task>/<case>.nii.gz`` (written by
+``predict.py``) and compared with the test labels ``<dataset_dir>/<task>/labelsTs/<case>.nii.gz``
+(the demo generator writes them; real MSD tasks have none), in the original geometry. Raw label
+values are mapped to the classes the model uses with the plans' ``label_map`` (e.g. the demo
+liver's tumour is fused into the liver). Writes ``<results_dir>/summary.csv`` with one row per (mode, task, foreground class):
+
+``mode, task, class, class_name, dice, hd95_mm, num_cases, params, task_params``
+
+``dice`` (and ``hd95_mm``) is the mean over the task's test cases (:func:`utils.metrics.evaluate_folder`,
+per-case CSVs in ``<results_dir>/eval/<mode>/<task>.csv``); ``params`` the parameters of the model that
+segments the task (independent: the task's own model; shared/universal: the one model of all
+tasks; universal_adapted: the adapted model, old tasks included) and ``task_params`` the part of
+them specific to the task (for universal_adapted: what the new domain cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from models.params import parameter_counts
+from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
+from utils.metrics import evaluate_folder
+
+FIELDS = ("mode", "task", "class", "class_name", "dice", "hd95_mm", "num_cases", "params", "task_params")
+
+
+def find_checkpoints(folder: Path) -> list[Path]:
+    if (folder / "checkpoints" / "best.pt").is_file():
+        return [folder / "checkpoints" / "best.pt"]
+    return sorted(folder.glob("*/checkpoints/best.pt"))
+
+
+def evaluate_mode(
+    mode: str, folder: Path, dataset_dir: Path, results_dir: Path, tasks: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    """Rows of one mode: every trained task of every checkpoint below ``folder``."""
+    rows = []
+    for ck_path in find_checkpoints(folder):
+        ckpt = load_checkpoint(ck_path)
+        model, ck_tasks = build_model_from_checkpoint(ckpt)
+        counts = parameter_counts(model)
+        trained = (ckpt.get("train_state") or {}).get("trained_tasks") or list(range(len(ck_tasks)))
+        for t in trained:
+            name, plans = ck_tasks[t]["name"], ck_tasks[t]["plans"]
+            if tasks and name not in tasks:
+                continue
+            label_dir = dataset_dir / name / "labelsTs"
+            pred_dir = results_dir / "predictions" / mode / name
+            if not label_dir.is_dir():
+                raise FileNotFoundError(f"no test labels {label_dir}")
+            case_rows, means = evaluate_folder(
+                pred_dir, label_dir, int(plans["num_classes"]), label_map=plans.get("label_map"),
+                csv_path=results_dir / "eval" / mode / f"{name}.csv",
+            )  # fmt: skip
+            names = plans.get("labels") or {}
+            for c in range(1, int(plans["num_classes"])):
+                rows.append({
+                    "mode": mode, "task": name, "class": c, "class_name": names.get(str(c), f"class{c}"),
+                    "dice": float(means[f"dice_{c}"]), "hd95_mm": float(means[f"hd95_{c}"]),
+                    "num_cases": len(case_rows), "params": int(counts["total"]),
+                    "task_params": int(counts["per_task"][t]),  # type: ignore[index]
+                })  # fmt: skip
+    return rows
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    head = f"{'mode':18s} {'task':24s} {'class':14s} {'dice':>6s} {'hd95':>6s} {'params':>10s} {'task_params':>11s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['mode']:18s} {r['task']:24s} {str(r['class']) + ' ' + r['class_name']:14s} {r['dice']:6.3f} {r['hd95_mm']:6.2f} "
+            f"{r['params']:>10,} {r['task_params']:>11,}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.demo_summary", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset_dir", required=True, help="demo data (Task folders with labelsTs)")
+    ap.add_argument("--results_dir", required=True, help="demo results folder (predictions/<mode>/<task>/ inside)")
+    ap.add_argument("--run", action="append", required=True, metavar="MODE=FOLDER",
+                    help="a mode name and the run folder(s) of its checkpoint(s); repeat per mode")  # fmt: skip
+    ap.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
+    ap.add_argument("--min_dice", type=float, default=0.7, help="report every foreground Dice below this")
+    ap.add_argument("--strict", action="store_true", help="exit with status 1 when a Dice is below --min_dice")
+    args = ap.parse_args(argv)
+    results = Path(args.results_dir)
+    rows: list[dict] = []
+    for item in args.run:
+        mode, sep, folder = item.partition("=")
+        if not sep:
+            ap.error(f"--run needs MODE=FOLDER, got {item!r}")
+        rows += evaluate_mode(mode, Path(folder), Path(args.dataset_dir), results, args.tasks)
+    out = results / "summary.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "dice": f"{r['dice']:.4f}", "hd95_mm": f"{r['hd95_mm']:.2f}"})
+    print(format_table(rows))
+    low = [r for r in rows if r["dice"] < args.min_dice]
+    print(f"\nwrote {out}; Dice on the test cases (labelsTs); "
+          + (f"{len(low)} foreground Dice below {args.min_dice}" if low else f"every foreground Dice >= {args.min_dice}"))  # fmt: skip
+    return 1 if low and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

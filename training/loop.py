@@ -1,0 +1,302 @@
+"""The epoch loop: round-robin steps, per-epoch loss and LR rule, validation, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.config import PRESET_SHARED_BATCH, TrainConfig
+from training.data import TaskData, make_epoch_loader, scan_cases
+from training.optim import PlateauHalving, make_optimizer, set_lr
+from training.run_log import RunLog
+from training.setup import ModelSetup, format_parameter_report, parameter_report
+from training.state import TrainState, save_training_checkpoint
+from training.step import StepOptions, amp_dtype_of, task_for_step, train_step
+from training.validation import InferenceSettings, mean_dice, validate
+from utils.io_utils import atomic_write_json
+from utils.losses import SegmentationLoss
+
+#: settings that must match between an interrupted run and its resumption for identical batches
+EXACT_RESUME_KEYS = ("seed", "num_workers", "steps_per_epoch", "batch_size", "patch_size", "model_patch", "augment")
+
+
+@dataclass
+class Prepared:
+    """The pieces of a run, ready for :func:`fit`."""
+
+    config: TrainConfig
+    tasks: list[TaskData]  # index = model task index
+    setup: ModelSetup
+    run_dir: Path
+    resume_ckpt: dict[str, Any] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but CUDA is not available on this machine")
+    return dev
+
+
+def batch_size_for(config: TrainConfig, task: TaskData) -> int:
+    """``--batch_size``, else the plans' batch (independent) or 2 (shared/universal)."""
+    if config.batch_size:
+        return int(config.batch_size)
+    if config.mode == "independent":
+        return int(task.plans.get("batch_size", 2))
+    return PRESET_SHARED_BATCH
+
+
+def configure_torch(config: TrainConfig, device: torch.device) -> None:
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not config.deterministic
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _resume_warnings(old: dict[str, Any], new: TrainConfig) -> list[str]:
+    out = []
+    for k in EXACT_RESUME_KEYS:
+        if k in old and old[k] != getattr(new, k):
+            out.append(f"{k} was {old[k]!r}, now {getattr(new, k)!r}: batches differ from the interrupted run")
+    return out
+
+
+def fit(
+    prep: Prepared,
+    *,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+    log: RunLog | None = None,
+) -> TrainState:
+    """Train (or continue training) one model until ``max_epoch`` or until the LR runs out.
+
+    Args:
+        prep: config, tasks, model setup, run folder and optionally the checkpoint to resume.
+        progress: tqdm bars.
+        on_step: called as ``on_step(global_step, loss)`` after every step (tests use it to
+            simulate a crash).
+        log: an open :class:`RunLog` (default: one for ``prep.run_dir``, closed at the end).
+    Returns:
+        the final :class:`TrainState` (also stored in ``checkpoints/latest.pt``).
+    """
+    config, setup, run_dir = prep.config, prep.setup, prep.run_dir
+    device = resolve_device(config.device)
+    configure_torch(config, device)
+    model = setup.model
+    amp_dtype = amp_dtype_of(config.amp, device)
+    channels_last = config.uses_channels_last(device.type)
+    model.set_fused_ops(config.uses_fused_ops(device.type))  # type: ignore[operator]
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    lr_rule = PlateauHalving(
+        config.lr, window=config.lr_window, min_delta=config.lr_min_delta, factor=config.lr_factor,
+        stop_below=config.lr_stop,
+    )  # fmt: skip
+    state = TrainState()
+    resume = prep.resume_ckpt
+    if resume is None:  # the preset's seeds (torch's was set before the model was built)
+        np.random.seed(config.seed)
+        random.seed(config.seed)
+    else:
+        ts = resume["train_state"]
+        optimizer.load_state_dict(ts["optimizer"])
+        if scaler is not None and ts.get("scaler"):
+            scaler.load_state_dict(ts["scaler"])
+        state = TrainState.from_plain(ts["state"])
+        lr_rule.load_state_dict(state.lr_rule)
+        set_lr(optimizer, lr_rule.lr)
+    own_log = log is None
+    if log is None:
+        log = RunLog(run_dir, purge_step=state.step + 1 if resume is not None else None)
+    try:
+        if resume is not None:
+            log.truncate_val_csv(state.epoch)
+            log.info(f"resumed after epoch {state.epoch} (step {state.step}, lr {lr_rule.lr:.3g})")
+            for w in _resume_warnings(resume["train_state"].get("config") or {}, config):
+                log.info(f"WARNING: {w}")
+            from utils.checkpoint import restore_rng_state
+
+            restore_rng_state(resume["train_state"]["rng"])
+        config.save(run_dir / "config.json")
+        report = parameter_report(model, setup.task_names, setup.new_task)
+        atomic_write_json(run_dir / "params.json", report)
+        log.info(format_parameter_report(report))
+        return _epochs(prep, model, optimizer, scaler, lr_rule, state, log, device, amp_dtype, channels_last,
+                       progress, on_step)  # fmt: skip
+    finally:
+        if own_log:
+            log.close()
+
+
+def _epochs(
+    prep: Prepared,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    lr_rule: PlateauHalving,
+    state: TrainState,
+    log: RunLog,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    progress: bool,
+    on_step: Callable[[int, float], None] | None,
+) -> TrainState:
+    config, tasks, setup = prep.config, prep.tasks, prep.setup
+    trained = setup.trained_tasks
+    names = setup.task_names
+    if state.epoch >= config.max_epoch or lr_rule.should_stop:
+        why = "the learning rate ran out" if lr_rule.should_stop else f"max_epoch {config.max_epoch}"
+        log.info(f"nothing to train: {state.epoch} epochs done ({why})")
+        return state
+    loss_fn = SegmentationLoss()
+    options = StepOptions(device, amp_dtype, channels_last)
+    infer = InferenceSettings(
+        device=device, model_patch=setup.model_patch, amp=amp_dtype is not None, postprocess=config.val_postprocess
+    )
+    for t in trained:
+        scan_cases(tasks[t])
+    log.info(
+        f"training {config.mode} model on {[names[t] for t in trained]} for epochs {state.epoch + 1}..{config.max_epoch} "
+        f"x {config.steps_per_epoch} steps on {device} (amp {config.amp}, channels_last {channels_last}, "
+        f"batch {[batch_size_for(config, tasks[t]) for t in trained]}, model patch {setup.model_patch}, "
+        f"task patches {[list(tasks[t].patch_size) for t in trained]})"
+    )
+    model.train()
+    for epoch in range(state.epoch + 1, config.max_epoch + 1):
+        t0 = time.perf_counter()
+        loaders = {
+            t: make_epoch_loader(
+                tasks[t], t, epoch, batch_size=batch_size_for(config, tasks[t]), seed=config.seed,
+                model_patch=setup.model_patch, num_workers=config.num_workers, augment=config.augment,
+            )  # fmt: skip
+            for t in trained
+        }
+        sums = dict.fromkeys(trained, 0.0)
+        counts = dict.fromkeys(trained, 0)
+        wait = 0.0
+        bar = tqdm(total=config.steps_per_epoch, desc=f"{config.mode} epoch {epoch}/{config.max_epoch}",
+                   disable=not progress, leave=False, dynamic_ncols=True)  # fmt: skip
+        try:
+            for _ in range(config.steps_per_epoch):
+                step = state.step + 1
+                t = task_for_step(step, trained)
+                tw = time.perf_counter()
+                batch = next(loaders[t])
+                wait += time.perf_counter() - tw
+                want_img = config.log_images_every > 0 and step % config.log_images_every == 0
+                res = train_step(model, optimizer, loss_fn, batch["data"], batch["seg"], t, options,
+                                 scaler=scaler, keep_logits=want_img)  # fmt: skip
+                state.step = step
+                sums[t] += res.loss
+                counts[t] += 1
+                log.scalar("loss/step", res.loss, step)
+                log.scalar(f"loss/step_{names[t]}", res.loss, step)
+                log.scalar("lr", lr_rule.lr, step)
+                if want_img and res.logits is not None:
+                    z = res.logits.shape[2] // 2
+                    log.slices(f"train/{names[t]}", batch["data"][0, 0, z].numpy(), batch["seg"][0, 0, z].numpy(),
+                               res.logits[0, :, z].argmax(0).cpu().numpy(), tasks[t].num_classes, step)  # fmt: skip
+                bar.update(1)
+                bar.set_postfix(task=names[t][:18], loss=f"{res.loss:.4f}")
+                if on_step is not None:
+                    on_step(step, res.loss)
+        finally:
+            bar.close()
+            for ld in loaders.values():
+                ld._finish()  # type: ignore[attr-defined]
+        n = sum(counts.values())
+        epoch_loss = sum(sums.values()) / max(n, 1)
+        per_task = {names[t]: sums[t] / counts[t] for t in trained if counts[t]}
+        lr_used = lr_rule.lr
+        new_lr = lr_rule.update(epoch_loss)
+        lr_note = f" -> {new_lr:.3g}" if new_lr != lr_used else ""
+        set_lr(optimizer, new_lr)
+        state.epoch = epoch
+        state.lr_rule = lr_rule.state_dict()
+        state.loss_history.append({"epoch": epoch, "step": state.step, "loss": epoch_loss, "per_task": per_task,
+                                   "lr": lr_used})  # fmt: skip
+        log.scalar("loss/epoch", epoch_loss, state.step)
+        for name, v in per_task.items():
+            log.scalar(f"loss/epoch_{name}", v, state.step)
+        train_time = time.perf_counter() - t0
+        log.info(
+            f"epoch {epoch}: loss {epoch_loss:.4f} ("
+            + ", ".join(f"{k} {v:.4f}" for k, v in per_task.items())
+            + f"), lr {lr_used:.3g}{lr_note}, "
+            f"{train_time:.1f}s ({100 * wait / max(train_time, 1e-9):.0f}% waiting for data)"
+        )
+        stop = lr_rule.should_stop
+        last = stop or epoch == config.max_epoch
+        best = False
+        if config.should_validate(epoch) or last:
+            best = _validate_and_log(prep, model, infer, state, log, epoch)
+        state.finished = last
+        save_training_checkpoint(
+            prep.run_dir / "checkpoints", model=model, tasks=setup.checkpoint_tasks(), model_patch=setup.model_patch,
+            state=state, optimizer=optimizer, scaler=scaler, config=config.to_dict(), trained_tasks=trained,
+            new_task=setup.new_task, numbered=config.should_save_numbered(epoch) or last, best=best,
+        )  # fmt: skip
+        log.flush()
+        if stop:
+            log.info(f"learning rate {new_lr:.3g} < {config.lr_stop:g}: training stops after epoch {epoch}")
+            break
+    return state
+
+
+def _validate_and_log(
+    prep: Prepared, model: torch.nn.Module, infer: InferenceSettings, state: TrainState, log: RunLog, epoch: int
+) -> bool:
+    """Validate the trained tasks, log Dice (text, TensorBoard, CSV); returns whether this is the best."""
+    config, tasks, setup = prep.config, prep.tasks, prep.setup
+    t0 = time.perf_counter()
+    results = validate(
+        model, tasks, setup.trained_tasks, infer, max_cases=config.val_max_cases,
+        csv_dir=prep.run_dir / "eval" / f"epoch_{epoch:04d}",
+    )  # fmt: skip
+    md = mean_dice(results)
+    rows = []
+    per_task: dict[str, dict[str, float]] = {}
+    for t, res in zip(setup.trained_tasks, results, strict=True):
+        task = tasks[t]
+        per_task[task.name] = {}
+        for c in range(1, task.num_classes):
+            d = res.means.get(f"dice_{c}")
+            if d is None:
+                continue
+            cname = task.class_names[c]
+            per_task[task.name][str(c)] = d
+            rows.append({"epoch": epoch, "step": state.step, "task": task.name, "class": c, "class_name": cname,
+                         "dice": f"{d:.6f}", "num_cases": len(res.rows)})  # fmt: skip
+            log.scalar(f"val_dice/{task.name}/{c}_{cname}", d, state.step)
+        if res.example is not None:
+            img, ref, pred = res.example
+            log.slices(f"val/{task.name}", img, ref, pred, task.num_classes, state.step)
+    log.append_val_rows(rows)
+    log.scalar("val_dice/mean", md, state.step)
+    state.val_history.append({"epoch": epoch, "step": state.step, "mean_dice": md, "per_task": per_task})
+    best = not math.isnan(md) and (state.best_dice is None or md > state.best_dice)
+    if best:
+        state.best_dice, state.best_epoch = md, epoch
+    detail = "; ".join(
+        f"{name}: " + ", ".join(f"{tasks[setup.task_names.index(name)].class_names[int(c)]} {d:.3f}" for c, d in v.items())
+        for name, v in per_task.items()
+    )
+    log.info(f"validation after epoch {epoch}: mean Dice {md:.4f}{' (best)' if best else ''} [{detail}] "
+             f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
+    return best

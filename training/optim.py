@@ -1,0 +1,96 @@
+"""Optimiser factory and the plateau learning-rate rule of the paper preset (REFERENCE.md, "Training")."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+PRESET_LR = 3e-4
+PRESET_WEIGHT_DECAY = 5e-4
+
+
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter], lr: float = PRESET_LR, weight_decay: float = PRESET_WEIGHT_DECAY
+) -> torch.optim.Adam:
+    """Adam (lr 3e-4, weight decay 5e-4 in the preset) over the parameters that require gradients."""
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError("no trainable parameters")
+    return torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class PlateauHalving:
+    """Halve the learning rate when the moving average of the epoch losses stops falling.
+
+    Keeps the mean training loss of each of the last ``window`` (20) epochs. Once ``window`` are
+    kept, after each epoch their average is compared with the average one epoch earlier; if it
+    fell by less than ``min_delta`` (1e-4) the rate is multiplied by ``factor`` (0.5). Training
+    should stop (:attr:`should_stop`) once the rate is below ``stop_below`` (1e-8).
+
+    Call :meth:`update` once per epoch with that epoch's mean loss; it returns the new rate.
+    """
+
+    def __init__(
+        self,
+        lr: float = PRESET_LR,
+        *,
+        window: int = 20,
+        min_delta: float = 1e-4,
+        factor: float = 0.5,
+        stop_below: float = 1e-8,
+    ) -> None:
+        if window < 1 or not 0 < factor < 1:
+            raise ValueError(f"need window >= 1 and 0 < factor < 1, got {window}, {factor}")
+        self.lr = float(lr)
+        self.window = int(window)
+        self.min_delta = float(min_delta)
+        self.factor = float(factor)
+        self.stop_below = float(stop_below)
+        self.losses: deque[float] = deque(maxlen=self.window)
+        self.last_average: float | None = None
+        self.num_decays = 0
+
+    @property
+    def should_stop(self) -> bool:
+        return self.lr < self.stop_below
+
+    def update(self, epoch_loss: float) -> float:
+        """Record one epoch's mean loss, maybe halve the rate; returns the (new) rate."""
+        self.losses.append(float(epoch_loss))
+        if len(self.losses) == self.window:
+            average = sum(self.losses) / self.window
+            if self.last_average is not None and self.last_average - average < self.min_delta:
+                self.lr *= self.factor
+                self.num_decays += 1
+            self.last_average = average
+        return self.lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "window": self.window,
+            "min_delta": self.min_delta,
+            "factor": self.factor,
+            "stop_below": self.stop_below,
+            "losses": list(self.losses),
+            "last_average": self.last_average,
+            "num_decays": self.num_decays,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr = float(state["lr"])
+        self.window = int(state["window"])
+        self.min_delta = float(state["min_delta"])
+        self.factor = float(state["factor"])
+        self.stop_below = float(state["stop_below"])
+        self.losses = deque((float(v) for v in state["losses"]), maxlen=self.window)
+        self.last_average = None if state["last_average"] is None else float(state["last_average"])
+        self.num_decays = int(state.get("num_decays", 0))

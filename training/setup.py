@@ -1,0 +1,181 @@
+"""Model building per training mode, new-domain adaptation and the parameter report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from models import build_model
+from models.params import freeze_for_task, parameter_counts
+from training.config import PRESET_MODEL_PATCH, PRESET_POOLS, TrainConfig
+from training.data import TaskData
+from utils.checkpoint import build_model_from_checkpoint
+from utils.task_settings import pools_for_patch
+
+
+@dataclass
+class ModelSetup:
+    """A model ready to train and what goes with it.
+
+    Attributes:
+        model: the network (CPU, train mode not yet set).
+        task_names: the model's tasks in task-index order.
+        task_plans: their plans (the checkpoint's ``tasks`` entries).
+        model_patch: shared/universal model patch, None for independent models.
+        trained_tasks: indices of the tasks this run trains (all, or the new domain only).
+        new_task: index of the new domain when adapting, else None.
+    """
+
+    model: nn.Module
+    task_names: list[str]
+    task_plans: list[dict[str, Any]]
+    model_patch: tuple[int, int, int] | None
+    trained_tasks: list[int]
+    new_task: int | None = None
+
+    def checkpoint_tasks(self) -> list[dict[str, Any]]:
+        return [{"name": n, "plans": p} for n, p in zip(self.task_names, self.task_plans, strict=True)]
+
+
+def check_patch_fits(patch: Sequence[int], pools: Sequence[int], what: str) -> None:
+    bad = [(p, 2**k) for p, k in zip(patch, pools, strict=True) if p % 2**k]
+    if bad:
+        raise ValueError(
+            f"{what} {list(patch)} does not fit pools {list(pools)}: each axis must be divisible by 2**pools "
+            f"({', '.join(f'{p} % {d}' for p, d in bad)})"
+        )
+
+
+def build_fresh_model(config: TrainConfig, tasks: Sequence[TaskData]) -> ModelSetup:
+    """A new model for ``tasks`` (torch seed ``config.torch_seed`` set just before building).
+
+    independent: one task, its plans' pools (or ``config.pools``) and patch; shared/universal: one
+    model for all tasks with ``config.pools`` (preset 5,5,5) and ``config.model_patch`` (preset 128³).
+    """
+    if config.mode == "independent":
+        if len(tasks) != 1:
+            raise ValueError("an independent model has exactly one task")
+        task = tasks[0]
+        if config.pools:
+            pools = [int(v) for v in config.pools]
+        elif config.patch_size:  # a patch override: poolings that fit it
+            pools = list(pools_for_patch(task.patch_size))
+        else:
+            pools = [int(v) for v in task.plans["pools_per_axis"]]
+        check_patch_fits(task.patch_size, pools, f"{task.name} patch")
+        model_patch = None
+    else:
+        pools = [int(v) for v in (config.pools or PRESET_POOLS)]
+        model_patch = tuple(int(v) for v in (config.model_patch or PRESET_MODEL_PATCH))
+        check_patch_fits(model_patch, pools, "model patch")
+    torch.manual_seed(config.torch_seed)
+    model = build_model(
+        config.mode,
+        [t.num_modalities for t in tasks],
+        [t.num_classes for t in tasks],
+        module=config.module,
+        base_channels=config.base_channels,
+        pools_per_axis=tuple(pools),
+    )
+    return ModelSetup(
+        model=model,
+        task_names=[t.name for t in tasks],
+        task_plans=[dict(t.plans) for t in tasks],
+        model_patch=model_patch,  # type: ignore[arg-type]
+        trained_tasks=list(range(len(tasks))),
+    )
+
+
+def adapt_to_new_task(
+    ckpt: Mapping[str, Any], new_task: TaskData, *, init_from: str | None = None, torch_seed: int = 1
+) -> ModelSetup:
+    """New domain: the trained shared/universal model of ``ckpt`` plus ``new_task``'s parts.
+
+    The old weights are loaded, the new task gets fresh heads and fresh (or, with ``init_from``,
+    copied) norms/adapters, and every parameter except the new task's is frozen
+    (``requires_grad=False``), so the old tasks' outputs cannot change.
+    """
+    mode = ckpt["model_config"]["train_mode"]
+    if mode not in ("shared", "universal"):
+        raise ValueError(f"--ckp must hold a shared or universal model to adapt, this one is {mode!r}")
+    model, old_tasks = build_model_from_checkpoint(ckpt)
+    names = [t["name"] for t in old_tasks]
+    if new_task.name in names:
+        raise ValueError(f"{new_task.name} is already a task of the checkpoint ({names}); name a new task")
+    src = None
+    if init_from is not None:
+        if init_from not in names:
+            raise ValueError(f"--init_from {init_from!r} is not a task of the checkpoint ({names})")
+        src = names.index(init_from)
+    torch.manual_seed(torch_seed)
+    idx = model.add_task(new_task.num_modalities, new_task.num_classes, init_from=src)
+    freeze_for_task(model, idx)
+    mp = ckpt.get("model_patch")
+    return ModelSetup(
+        model=model,
+        task_names=[*names, new_task.name],
+        task_plans=[dict(t["plans"]) for t in old_tasks] + [dict(new_task.plans)],
+        model_patch=tuple(int(v) for v in mp) if mp is not None else None,  # type: ignore[arg-type]
+        trained_tasks=[idx],
+        new_task=idx,
+    )
+
+
+def setup_from_checkpoint(ckpt: Mapping[str, Any]) -> ModelSetup:
+    """The model of a training checkpoint (to resume it): weights loaded, the trained tasks taken from
+    its training state and, for a new-domain run, everything but the new task frozen again."""
+    model, tasks = build_model_from_checkpoint(ckpt)
+    ts = ckpt.get("train_state") or {}
+    trained = [int(t) for t in ts.get("trained_tasks", range(len(tasks)))]
+    new_task = ts.get("new_task")
+    if new_task is not None:
+        freeze_for_task(model, int(new_task))
+    mp = ckpt.get("model_patch")
+    return ModelSetup(
+        model=model,
+        task_names=[t["name"] for t in tasks],
+        task_plans=[dict(t["plans"]) for t in tasks],
+        model_patch=tuple(int(v) for v in mp) if mp is not None else None,  # type: ignore[arg-type]
+        trained_tasks=trained,
+        new_task=None if new_task is None else int(new_task),
+    )
+
+
+def parameter_report(model: nn.Module, task_names: Sequence[str], new_task: int | None = None) -> dict[str, Any]:
+    """Parameter counts: total, shared, per task, trainable and (adaptation) what the new domain cost."""
+    counts = parameter_counts(model)
+    per_task = list(counts["per_task"])  # type: ignore[arg-type]
+    report: dict[str, Any] = {
+        "train_mode": model.config.train_mode,  # type: ignore[union-attr]
+        "module": model.config.module,  # type: ignore[union-attr]
+        "total": counts["total"],
+        "shared": counts["shared"],
+        "per_task": {name: int(n) for name, n in zip(task_names, per_task, strict=True)},
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    if new_task is not None:
+        cost = int(per_task[new_task])
+        old_total = int(counts["total"]) - cost  # type: ignore[operator]
+        report["new_task"] = task_names[new_task]
+        report["new_task_params"] = cost
+        report["new_task_fraction_of_old_model"] = cost / old_total if old_total else float("nan")
+    return report
+
+
+def format_parameter_report(report: Mapping[str, Any]) -> str:
+    lines = [
+        f"parameters ({report['train_mode']}{'/' + report['module'] if report.get('module') else ''}): "
+        f"total {report['total']:,}, shared {report['shared']:,}, trainable now {report['trainable']:,}"
+    ]
+    for name, n in report["per_task"].items():
+        lines.append(f"  task-specific {name}: {n:,}")
+    if "new_task" in report:
+        lines.append(
+            f"  new domain {report['new_task']} cost {report['new_task_params']:,} parameters "
+            f"({100 * report['new_task_fraction_of_old_model']:.2f}% of the trained model)"
+        )
+    return "\n".join(lines)

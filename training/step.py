@@ -1,0 +1,101 @@
+"""One optimisation step and the round-robin task schedule."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def task_for_step(step: int, tasks: Sequence[int]) -> int:
+    """Round robin: global step ``k`` (1-based) trains ``tasks[(k - 1) mod len(tasks)]``."""
+    if step < 1:
+        raise ValueError(f"steps are counted from 1, got {step}")
+    return tasks[(step - 1) % len(tasks)]
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How a step runs.
+
+    Attributes:
+        device: where the model lives.
+        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for plain fp32 (preset).
+        channels_last: feed inputs as ``channels_last_3d`` (the model must be converted too).
+    """
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).float()
+        if self.channels_last and x.dim() == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return x
+
+
+def amp_dtype_of(amp: str, device: torch.device) -> torch.dtype | None:
+    """``"off"`` -> None; ``"bf16"`` / ``"fp16"`` -> the dtype (fp16 is CUDA-only)."""
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--amp fp16 needs a CUDA device (use bf16 on CPU)")
+        return torch.float16
+    raise ValueError(f"unknown amp mode {amp!r}")
+
+
+@dataclass
+class StepResult:
+    loss: float
+    logits: torch.Tensor | None = None  # detached, only when asked for
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    label: torch.Tensor,
+    task_idx: int,
+    options: StepOptions,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    keep_logits: bool = False,
+) -> StepResult:
+    """Forward, loss, backward and optimiser update on one batch.
+
+    Args:
+        image: (B, M, z, y, x); label: (B, 1, z, y, x) or (B, z, y, x), integral values.
+        scaler: a GradScaler for float16 autocast (None otherwise).
+        keep_logits: return the detached logits (for image logging).
+    Raises:
+        FloatingPointError: the loss is not finite (the step is not applied).
+    """
+    x = options.to_input(image)
+    y = label.to(options.device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    with options.autocast():
+        logits = model(x, task_idx)
+    loss = loss_fn(logits.float(), y)  # the losses (sorting, log-softmax) in float32
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite training loss {loss.item()} (task {task_idx})")
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return StepResult(float(loss.detach()), logits.detach() if keep_logits else None)
