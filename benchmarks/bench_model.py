@@ -34,12 +34,14 @@ FIVE_CLASSES = [2, 2, 3, 3, 2]
 # name: (train_mode, module, channels_last, fused, keep freed memory in the heap)
 CONFIGS: dict[str, tuple[str, str | None, bool, bool, bool]] = {
     "independent/plain": ("independent", None, False, False, False),
+    "independent/fused": ("independent", None, False, True, False),
     "independent/fast": ("independent", None, True, True, True),
     "shared/fast": ("shared", None, True, True, True),
     "universal-series/fast": ("universal", "series_adapter", True, True, True),
     "universal-parallel/fast": ("universal", "parallel_adapter", True, True, True),
     "universal-separable/plain": ("universal", "separable_adapter", False, False, False),
     "universal-separable/cl": ("universal", "separable_adapter", True, False, False),
+    "universal-separable/fused": ("universal", "separable_adapter", False, True, False),
     "universal-separable/cl+fused": ("universal", "separable_adapter", True, True, False),
     "universal-separable/fast": ("universal", "separable_adapter", True, True, True),
 }
