@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -235,16 +235,10 @@ class U2Net3D(nn.Module):
         for m in self.modules():
             if isinstance(m, (InputHeads, ClassHeads)):
                 m.heads[new_task].apply(_init_weights)
-        object.__setattr__(
-            self,
-            "config",
-            ModelConfig(
-                **{
-                    **self.config.to_dict(),
-                    "in_channels": [*self.config.in_channels, int(in_channels)],
-                    "num_classes": [*self.config.num_classes, int(num_classes)],
-                }
-            ),
+        self.config = replace(
+            self.config,
+            in_channels=[*self.config.in_channels, int(in_channels)],
+            num_classes=[*self.config.num_classes, int(num_classes)],
         )
         # the new modules must live where the old ones do
         ref = next(self.parameters())
