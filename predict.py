@@ -16,11 +16,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import torch
-
+from inference.predictor import Segmenter, TaskModel
+from inference.settings import InferenceSettings
+from models.runtime import AMP_MODES, keep_freed_memory_in_heap, resolve_amp, resolve_device
 from utils.checkpoint import CheckpointError
-from utils.cpu_perf import keep_freed_memory_in_heap
-from utils.predict_api import PredictOptions, load_task_model, predict_files
+
+DEFAULTS = InferenceSettings()
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -33,6 +34,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line; inference defaults come from :class:`InferenceSettings`."""
     p = argparse.ArgumentParser(
         prog="predict.py",
         description=__doc__.split("\n\n")[0] + " See docs/inference.md.",
@@ -47,53 +49,66 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NIfTI images (.nii.gz/.nii) and/or folders of them (hidden ._* files are skipped)")  # fmt: skip
     p.add_argument("--output", required=True, metavar="DIR",
                    help="output folder (created if missing); one label map per input, same file name")  # fmt: skip
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="where the model runs; the probability accumulator always stays in CPU memory")  # fmt: skip
+    p.add_argument("--device", default=DEFAULTS.device,
+                   help="where the model runs: cpu, cuda, cuda:N or auto; the class-score accumulator always "
+                        "stays in CPU memory")  # fmt: skip
     p.add_argument("--tta", action="store_true",
                    help="mirror test-time augmentation: average over the 8 flips of z, y, x (8x slower; "
                         "off in the paper preset)")  # fmt: skip
     p.add_argument("--no_postprocess", action="store_true",
                    help="skip post-processing (closing, largest component(s), removal outside the body)")  # fmt: skip
-    p.add_argument("--batch_size", type=int, default=2, help="sliding-window patches per forward pass")
-    p.add_argument("--weight_mode", default="linear", choices=["linear", "gaussian", "constant"],
+    p.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size, help="sliding-window patches per forward pass")
+    p.add_argument("--step_fraction", type=float, default=DEFAULTS.step_fraction,
+                   help="window step as a fraction of the patch (0.5 = half a patch, the paper)")  # fmt: skip
+    p.add_argument("--weight_mode", default=DEFAULTS.weight_mode, choices=["linear", "gaussian", "constant"],
                    help="patch blending weights: 'linear' = 1 at the patch centre falling linearly to ~0 "
                         "at the corners (paper); 'gaussian'; 'constant' = plain average")  # fmt: skip
-    p.add_argument("--unified_mode", default="volume", choices=["volume", "patch"],
+    p.add_argument("--unified_mode", default=DEFAULTS.unified_mode, choices=["volume", "patch"],
                    help="shared/universal checkpoints whose model patch differs from the task patch: "
                         "'volume' scales the whole image by model/task patch (paper), 'patch' resizes "
                         "each window; ignored otherwise")  # fmt: skip
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision (float16 autocast on CUDA, bfloat16 on CPU)")  # fmt: skip
+    p.add_argument("--amp", nargs="?", const="auto", default=DEFAULTS.amp, choices=AMP_MODES,
+                   help="mixed precision autocast: --amp alone = auto (bfloat16 where supported, else float16 "
+                        "on CUDA); off = fp32 (the paper preset)")  # fmt: skip
     p.add_argument("--fp16_accumulator", action="store_true",
-                   help="keep the blended probabilities in float16 (halves that memory; for huge CT volumes)")  # fmt: skip
+                   help="keep the blended class scores in float16 (halves that memory; for huge CT volumes)")  # fmt: skip
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        print("predict.py: --batch_size must be >= 1", file=sys.stderr)
-        return 2
-    if args.device == "cpu":
-        keep_freed_memory_in_heap()  # faster CPU inference on large volumes (utils/cpu_perf.py)
-    try:
-        loaded = load_task_model(args.ckp, args.task, args.device)
-    except (CheckpointError, ValueError, RuntimeError) as e:
-        print(f"predict.py: {e}", file=sys.stderr)
-        return 2
-    options = PredictOptions(
-        device=args.device,
+def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
+    """The inference settings of parsed flags (device and AMP resolved)."""
+    device = resolve_device(args.device)
+    return InferenceSettings(
+        device=str(device),
         batch_size=args.batch_size,
+        step_fraction=args.step_fraction,
         weight_mode=args.weight_mode,
         mirror_tta=args.tta,
         postprocess=not args.no_postprocess,
         unified_mode=args.unified_mode,
-        amp=args.amp,
-        accum_dtype=torch.float16 if args.fp16_accumulator else torch.float32,
+        amp=resolve_amp(args.amp, device),
+        accum_dtype="float16" if args.fp16_accumulator else "float32",
         progress=not args.no_progress,
     )
-    report = predict_files(loaded, args.input, args.output, options)
+
+
+def main(argv: Sequence[str] | None = None, *, tune_cpu_allocator: bool = False) -> int:
+    """Segment the inputs; returns the exit status (0 all written, 1 some inputs failed, 2 bad usage).
+
+    ``tune_cpu_allocator``: keep freed memory in the heap on CPU (process-wide; only for the
+    script's own process, see :func:`models.runtime.keep_freed_memory_in_heap`).
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        task = TaskModel.from_checkpoint(args.ckp, args.task, settings.device)
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        print(f"predict.py: {e}", file=sys.stderr)
+        return 2
+    if tune_cpu_allocator and settings.device == "cpu":
+        keep_freed_memory_in_heap()  # faster CPU inference on large volumes
+    report = Segmenter(task, settings).predict_files(args.input, args.output)
     n_in = len(report.written) + len(report.failed)
     print(f"wrote {len(report.written)} of {n_in} label maps to {args.output}", file=sys.stderr)
     if report.failed:
@@ -105,4 +120,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(tune_cpu_allocator=True))

@@ -15,12 +15,10 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from utils.folds import default_folds_file
 from utils.prep_runner import run_preprocessing
-
-REPO_ROOT = Path(__file__).resolve().parent
 
 
 def _label_map(text: str) -> dict[int, int]:
@@ -53,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="redo cases that are already done and accept settings that differ from an existing plans.json",
     )
     ap.add_argument(
-        "--folds_file", default=str(REPO_ROOT / "fold_splits.json"),
+        "--folds_file", default=None,
         help="fold splits JSON to create/extend; existing task entries are kept "
-        "(default: fold_splits.json next to this script)",
+        "(default: <prep_dir>/fold_splits.json, where training looks for it)",
     )
     ap.add_argument("--no_folds", action="store_true", help="do not touch any fold splits file")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -109,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nProc < 1:
         print("--nProc must be >= 1", file=sys.stderr)
         return 2
+    folds_file = args.folds_file or default_folds_file(args.prep_dir)
     try:
         summary = run_preprocessing(
             args.dataset_dir,
@@ -116,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tasks=args.tasks,
             n_proc=args.nProc,
             overwrite=args.overwrite,
-            folds_file=None if args.no_folds else args.folds_file,
+            folds_file=None if args.no_folds else folds_file,
             overrides=overrides_from_args(args),
             progress=not args.no_progress,
         )
@@ -128,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"in {summary.seconds:.1f} s; prepared data in {args.prep_dir}"
     )
     if summary.folds_added:
-        print(f"fold splits added to {args.folds_file} for: {', '.join(summary.folds_added)}")
+        print(f"fold splits added to {folds_file} for: {', '.join(summary.folds_added)}")
     if summary.task_errors:
         print("\nFailed tasks:")
         for task, reason in summary.task_errors.items():

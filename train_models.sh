@@ -76,7 +76,7 @@ demo() {
 
     stamp "generating demo tasks into $DEMO_DATA/"
     rm -rf "$DEMO_DATA"
-    "$PY" -m utils.demo_data --out "$DEMO_DATA" --n_train 12 --n_test 3 --size "${DEMO_SIZE:-40}"
+    "$PY" -m demo.data --out "$DEMO_DATA" --n_train 12 --n_test 3 --size "${DEMO_SIZE:-40}"
     stamp "data_explore.py"
     "$PY" data_explore.py --dataset_dir "$DEMO_DATA" --out_dir "$DEMO_RES/data_explore" --no_progress > "$logs/data_explore.log"
     stamp "preprocess_taskSep.py -> $DEMO_PREP/"
@@ -135,7 +135,7 @@ demo() {
     done
 
     stamp "Dice on the test cases"
-    "$PY" -m training.demo_summary --dataset_dir "$DEMO_DATA" --results_dir "$DEMO_RES" \
+    "$PY" -m demo.summary --dataset_dir "$DEMO_DATA" --results_dir "$DEMO_RES" \
         --run independent="$DEMO_RES/res_u2net3d_independent_demo" \
         --run shared="$DEMO_RES/res_u2net3d_shared_demo/${DEMO_TASKS// /_}" \
         --run universal="$uni" \

@@ -31,13 +31,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from utils.inference import sliding_window_segment  # noqa: E402
+from inference.settings import InferenceSettings  # noqa: E402
+from inference.sliding_window import sliding_window  # noqa: E402
+from models import build_model  # noqa: E402
 
 
 def make_model(name: str, base: int) -> tuple[torch.nn.Module, Callable[[torch.Tensor, int], torch.Tensor]]:
     """The benchmark model and a ``f(x, task_idx)`` predictor around it."""
     if name == "dynunet":
-        from monai.networks.nets import DynUNet
+        from monai.networks.nets import DynUNet  # optional dependency, only for this comparison
 
         net = DynUNet(
             spatial_dims=3, in_channels=1, out_channels=2,
@@ -47,8 +49,6 @@ def make_model(name: str, base: int) -> tuple[torch.nn.Module, Callable[[torch.T
         net.eval()
         return net, lambda x, t: net(x)
     if name == "u2net":
-        from models import build_model
-
         net = build_model("independent", [1], [2], base_channels=base, pools_per_axis=(5, 5, 5))
         net.eval()
         return net, lambda x, t: net(x, t)
@@ -56,7 +56,7 @@ def make_model(name: str, base: int) -> tuple[torch.nn.Module, Callable[[torch.T
 
 
 def speed(args: argparse.Namespace) -> None:
-    from monai.inferers import sliding_window_inference
+    from monai.inferers import sliding_window_inference  # optional dependency, only for this comparison
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -68,8 +68,9 @@ def speed(args: argparse.Namespace) -> None:
     monai_net = net if args.model == "dynunet" else (lambda x: net(x, 0))
 
     def ours() -> np.ndarray:  # the same input as MONAI's: the volume already on the device
-        return sliding_window_segment(predictor, vol_dev[0], 0, patch, step_fraction=0.5, batch_size=args.batch_size,
-                                      device=dev, accum_device=args.accum_device, amp=args.amp)  # fmt: skip
+        settings = InferenceSettings(batch_size=args.batch_size, device=str(dev), accum_device=args.accum_device,
+                                     amp="auto" if args.amp else "off")  # fmt: skip
+        return sliding_window(predictor, vol_dev[0], 0, patch, settings)
 
     def monai() -> np.ndarray:
         with torch.inference_mode(), torch.autocast(dev.type, enabled=args.amp):
@@ -125,9 +126,8 @@ def memory_child(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
-    dtype = torch.float16 if accum == "float16" else torch.float32
-    label = sliding_window_segment(predictor, image, 0, (patch,) * 3, batch_size=2, device=dev,
-                                   accum_dtype=dtype, num_classes=2)  # fmt: skip
+    settings = InferenceSettings(batch_size=2, device=str(dev), accum_dtype="float16" if accum == "float16" else "float32")
+    label = sliding_window(predictor, image, 0, (patch,) * 3, settings, num_classes=2)
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     gpu = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0

@@ -12,7 +12,7 @@ The universal model has the five paper tasks (Heart, Liver, Hippocampus, Prostat
 trains task 0; the dense reference is the independent model of one task. "plain" runs the network
 with PyTorch's own InstanceNorm3d / depthwise conv3d (the original's formulation), "fused" with
 this project's fused kernels (models/fused.py; same results, tested); "cl" = channels_last_3d;
-"fast" = cl + fused + glibc keeping freed memory in its heap (utils/cpu_perf.py, which the training
+"fast" = cl + fused + glibc keeping freed memory in its heap (models/runtime.py, which the training
 and prediction scripts switch on for CPU runs; it removes the page-fault and zeroing cost of the
 many large short-lived activations).
 """
@@ -49,20 +49,19 @@ CONFIGS: dict[str, tuple[str, str | None, bool, bool, bool]] = {
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from models import build_model, count_parameters  # noqa: E402
+from models.runtime import keep_freed_memory_in_heap  # noqa: E402
+
 
 def run_one(name: str, patch: tuple[int, int, int], batch: int, steps: int, warmup: int, device: str,
             base: int, amp: bool) -> dict:
     """Measure one configuration in this process; returns a JSON-able dict."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from models import build_model, count_parameters
-
     mode, module, channels_last, fused, heap = CONFIGS[name]
     if heap and device == "cpu":
-        from utils.cpu_perf import keep_freed_memory_in_heap
-
         keep_freed_memory_in_heap()
     torch.manual_seed(1)
     if mode == "independent":
@@ -135,8 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_one(args._worker, patch, args.batch, args.steps, args.warmup, args.device, args.base,
                                  args.amp)))
         return 0
-
-    import torch
 
     threads = torch.get_num_threads()
     print(f"patch {patch}, batch {args.batch}, base {args.base}, device {args.device}"

@@ -4,7 +4,7 @@
 
 Prints
 
-1. cases per second of ``preprocess_taskSep`` on the demo tasks (``utils.demo_data`` defaults:
+1. cases per second of ``preprocess_taskSep`` on the demo tasks (``demo.data`` defaults:
    4 tasks x 15 cases, ~64**3 voxels) with ``--nProc 1`` and ``--nProc 2`` (spawn start-up included);
 2. the time of ONE case (image + label: integrity check, read, crop, B-spline resampling,
    normalisation, saving) against its voxel count, for generated CT-like volumes up to
@@ -29,8 +29,8 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from demo.data import generate_demo_data  # noqa: E402
 from utils.decathlon import check_nifti_integrity, read_image, read_label  # noqa: E402
-from utils.demo_data import generate_demo_data  # noqa: E402
 from utils.prep_runner import run_preprocessing  # noqa: E402
 from utils.preprocessing import preprocess_arrays, save_case  # noqa: E402
 from utils.task_settings import NORMALISATION  # noqa: E402

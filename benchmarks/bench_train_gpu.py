@@ -11,7 +11,7 @@ and prints, per configuration, the median step time (loader included), the media
 same step on a batch already on the GPU (compute only), the peak GPU memory, and whether the data
 loader kept up (time spent waiting for batches below 10% of the loop time).
 
-Data: synthetic preprocessed cases (``training.synthetic``) written to a temporary folder, so the
+Data: synthetic preprocessed cases (``tests.synthetic``) written to a temporary folder, so the
 script runs on a bare GPU machine with only the project's requirements::
 
     .venv/bin/python benchmarks/bench_train_gpu.py                  # on the GPU machine
@@ -38,14 +38,14 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from models import build_model  # noqa: E402
+from tests.synthetic import make_synthetic_task  # noqa: E402
 from training.data import TaskData, make_epoch_loader, scan_cases  # noqa: E402
+from training.losses import SegmentationLoss  # noqa: E402
 from training.optim import make_optimizer  # noqa: E402
 from training.step import StepOptions, train_step  # noqa: E402
-from training.synthetic import make_synthetic_task  # noqa: E402
-from utils.losses import SegmentationLoss  # noqa: E402
-from utils.sampling import list_cases  # noqa: E402
+from utils.preprocessing import list_cases  # noqa: E402
 
-#: (name, modalities, classes, task patch, pools) of the five-task preset (REFERENCE.md)
+#: (name, modalities, classes, task patch, pools) of the five-task preset (docs/paper_preset.md)
 PRESET_TASKS = [
     ("Task02_Heart", 1, 2, (80, 192, 128), (4, 5, 5)),
     ("Task03_Liver", 1, 2, (128, 128, 128), (5, 5, 5)),
@@ -135,7 +135,7 @@ def run_config(
             compute.append(time.perf_counter() - t0)
     finally:
         for ld in loaders:
-            ld._finish()  # type: ignore[attr-defined]
+            ld.close()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     wait_frac = sum(waits) / loop_time
     res = {

@@ -1,4 +1,12 @@
-"""The 3D U²-Net and its parts. Start with :func:`build_model`."""
+"""The 3D U²-Net and its parts. Start with :func:`build_model`.
+
+One module per building-block family (``conv_units``, ``blocks``, ``norms``, ``depthwise``,
+``fused``), the network (``unet``), the shared / per-task parameter split (``params``), parameter
+reports (``report``, ``python -m models``), building a model from a checkpoint (``loading``) and
+running it on a device (``runtime``: device, mixed precision, CPU allocator).
+
+Imports: ``utils`` (and third-party libraries); never ``training``, ``inference`` or ``demo``.
+"""
 
 from models.unet import ADAPTER_MODULES, TRAIN_MODES, ModelConfig, U2Net3D, build_model, count_parameters
 

@@ -41,15 +41,24 @@ def split_parameters(model: nn.Module) -> ParameterSplit:
     return ParameterSplit(shared, per_task)
 
 
-def parameter_counts(model: nn.Module) -> dict[str, int | list[int]]:
-    """{"total": n, "shared": n, "per_task": [n_0, n_1, ...]} in numbers of scalars."""
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Numbers of scalars: the whole model, its shared part and each task's own part."""
+
+    total: int
+    shared: int
+    per_task: list[int]
+
+
+def parameter_counts(model: nn.Module) -> ParameterCounts:
+    """Total, shared and per-task (index = task) parameter counts of ``model``."""
     params = dict(model.named_parameters())
     split = split_parameters(model)
-    return {
-        "total": sum(p.numel() for p in params.values()),
-        "shared": sum(params[n].numel() for n in split.shared),
-        "per_task": [sum(params[n].numel() for n in names) for names in split.per_task],
-    }
+    return ParameterCounts(
+        total=sum(p.numel() for p in params.values()),
+        shared=sum(params[n].numel() for n in split.shared),
+        per_task=[sum(params[n].numel() for n in names) for names in split.per_task],
+    )
 
 
 def freeze_for_task(model: nn.Module, task_idx: int) -> list[str]:

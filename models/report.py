@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from models.params import parameter_counts
-from models.unet import build_model, count_parameters
+from models.unet import U2Net3D, build_model, count_parameters
+from utils.task_settings import PRESETS
 
 #: (modalities, classes used) of the paper's tasks, for reports without preprocessed data.
 PAPER_TASK_IO: dict[str, tuple[int, int]] = {
@@ -40,8 +42,6 @@ def task_spec(name: str, plans_dir: str | Path | None = None) -> TaskSpec:
             plans = json.loads(plans_file.read_text())
             return TaskSpec(name, len(plans["modalities"]), int(plans["num_classes"]), tuple(plans["pools_per_axis"]))
     if name in PAPER_TASK_IO:
-        from utils.task_settings import PRESETS
-
         mods, classes = PAPER_TASK_IO[name]
         return TaskSpec(name, mods, classes, tuple(PRESETS[name].pools_per_axis))
     where = f" and no {Path(plans_dir) / name / 'plans.json'}" if plans_dir is not None else ""
@@ -92,16 +92,53 @@ def format_report(
     indep = independent_total(specs, base_channels)
     name = train_mode + (f" + {model.config.module}" if model.config.module else "")
     lines.append(f"{name} model, {len(specs)} task(s), base {base_channels}, pools {tuple(model_pools)}")
-    lines.append(f"  {'total':<28} {counts['total']:>14,}")
-    lines.append(f"  {'shared':<28} {counts['shared']:>14,}")
-    for s, n in zip(specs, counts["per_task"], strict=True):
-        lines.append(f"  {'task ' + s.name:<28} {n:>14,}  ({n / counts['total']:.2%} of the model)")
+    lines.append(f"  {'total':<28} {counts.total:>14,}")
+    lines.append(f"  {'shared':<28} {counts.shared:>14,}")
+    for s, n in zip(specs, counts.per_task, strict=True):
+        lines.append(f"  {'task ' + s.name:<28} {n:>14,}  ({n / counts.total:.2%} of the model)")
     lines.append(f"  {'independent models (sum)':<28} {indep:>14,}")
-    lines.append(f"  ratio to independent models: {counts['total'] / indep:.2%}")
+    lines.append(f"  ratio to independent models: {counts.total / indep:.2%}")
     if train_mode == "universal":
         shared_model = build_model(
             "shared", [s.modalities for s in specs], [s.num_classes for s in specs],
             base_channels=base_channels, pools_per_axis=model_pools,
         )
-        lines.append(f"  ratio to the shared model:   {counts['total'] / count_parameters(shared_model):.2%}")
+        lines.append(f"  ratio to the shared model:   {counts.total / count_parameters(shared_model):.2%}")
+    return "\n".join(lines)
+
+
+def parameter_report(model: U2Net3D, task_names: Sequence[str], new_task: int | None = None) -> dict[str, Any]:
+    """Parameter counts: total, shared, per task, trainable and (adaptation) what the new domain cost."""
+    counts = parameter_counts(model)
+    per_task = counts.per_task
+    report: dict[str, Any] = {
+        "train_mode": model.config.train_mode,
+        "module": model.config.module,
+        "total": counts.total,
+        "shared": counts.shared,
+        "per_task": {name: int(n) for name, n in zip(task_names, per_task, strict=True)},
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    if new_task is not None:
+        cost = int(per_task[new_task])
+        old_total = counts.total - cost
+        report["new_task"] = task_names[new_task]
+        report["new_task_params"] = cost
+        report["new_task_fraction_of_old_model"] = cost / old_total if old_total else float("nan")
+    return report
+
+
+def format_parameter_report(report: Mapping[str, Any]) -> str:
+    """The report of :func:`parameter_report` as log lines."""
+    lines = [
+        f"parameters ({report['train_mode']}{'/' + report['module'] if report.get('module') else ''}): "
+        f"total {report['total']:,}, shared {report['shared']:,}, trainable now {report['trainable']:,}"
+    ]
+    for name, n in report["per_task"].items():
+        lines.append(f"  task-specific {name}: {n:,}")
+    if "new_task" in report:
+        lines.append(
+            f"  new domain {report['new_task']} cost {report['new_task_params']:,} parameters "
+            f"({100 * report['new_task_fraction_of_old_model']:.2f}% of the trained model)"
+        )
     return "\n".join(lines)

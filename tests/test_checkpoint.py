@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from models import build_model
+from models.loading import build_model_from_checkpoint
 from utils.checkpoint import (
     CheckpointError,
-    build_model_from_checkpoint,
     load_checkpoint,
     restore_rng_state,
     rng_state_to_plain,

@@ -11,7 +11,7 @@ import pytest
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc setting, Linux only")
 def test_keep_freed_memory_in_heap_applies_on_linux():
     code = (
-        "from utils.cpu_perf import keep_freed_memory_in_heap;"
+        "from models.runtime import keep_freed_memory_in_heap;"
         "import torch;"
         "assert keep_freed_memory_in_heap();"
         # a large tensor still allocates and computes correctly afterwards

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from demo.data import DEMO_TASKS, generate_demo_data, main
 from utils.decathlon import load_task, read_geometry
-from utils.demo_data import DEMO_TASKS, generate_demo_data, main
 
 
 def _digest(root: Path) -> str:

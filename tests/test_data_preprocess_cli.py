@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 import data_explore
 import preprocess_taskSep
-from utils.demo_data import generate_demo_data
+from demo.data import generate_demo_data
 
 PLANS_KEYS = {
     "task", "modalities", "is_ct", "labels", "num_classes", "label_map", "target_spacing", "patch_size",
@@ -42,7 +42,7 @@ def demo(demo_src: Path, tmp_path: Path) -> Path:
 
 def _run(dataset: Path, prep: Path, *extra: str) -> int:
     args = ["--dataset_dir", str(dataset), "--prep_dir", str(prep), "--nProc", "1", "--no_progress"]
-    return preprocess_taskSep.main([*args, "--folds_file", str(prep / "fold_splits.json"), *extra])
+    return preprocess_taskSep.main([*args, *extra])  # folds: <prep>/fold_splits.json by default
 
 
 def test_preprocess_demo_end_to_end_and_rerun(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -84,10 +84,10 @@ def test_preprocess_demo_end_to_end_and_rerun(demo: Path, tmp_path: Path, capsys
     # interrupted run: a case without sidecar and a stray temporary file -> completed on rerun
     train = prep / "Task94_DemoSpleenCT" / "train"
     (train / "spleenct_002.json").unlink()
-    (train / ".spleenct_002_image.npy.abc123.tmp").write_bytes(b"partial")
+    (train / ".u2tmp-abc12345-spleenct_002_image.npy").write_bytes(b"partial")
     assert _run(demo, prep) == 0
     assert "1 case(s) preprocessed, 15 already done" in capsys.readouterr().out
-    assert (train / "spleenct_002.json").is_file() and not list(train.glob("*.tmp"))
+    assert (train / "spleenct_002.json").is_file() and not list(train.glob(".u2tmp-*"))
 
     # data_explore on the same tasks
     assert data_explore.main(["--dataset_dir", str(demo), "--out_dir", str(tmp_path / "ex"), "--no_progress"]) == 0

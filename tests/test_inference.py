@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from utils.inference import (
-    ResizingPredictor,
+from inference.settings import InferenceSettings
+from inference.sliding_window import (
+    ResizingNetwork,
+    infer_case,
     patch_starts,
     patch_weight_map,
-    predict_probabilities,
-    segment_case,
-    sliding_window_predict,
-    sliding_window_segment,
+    sliding_window,
 )
+
+S = InferenceSettings
 
 
 def pointwise(x: torch.Tensor, task_idx: int) -> torch.Tensor:
@@ -31,12 +32,12 @@ def whole_volume(image: np.ndarray, task_idx: int = 0) -> np.ndarray:
 def test_stitching_equals_whole_volume(weight_mode: str) -> None:
     rng = np.random.default_rng(0)
     image = rng.normal(size=(2, 13, 21, 17)).astype(np.float32)
-    probs = sliding_window_predict(
-        pointwise, image, 1, (8, 8, 8), batch_size=3, weight_mode=weight_mode, num_classes=3
+    probs = sliding_window(
+        pointwise, image, 1, (8, 8, 8), S(batch_size=3, weight_mode=weight_mode), num_classes=3, output="probabilities"
     )
     assert probs.shape == (3, 13, 21, 17) and probs.dtype == np.float32
     np.testing.assert_allclose(probs, whole_volume(image, 1), rtol=1e-5, atol=1e-6)
-    labels = sliding_window_segment(pointwise, image, 1, (8, 8, 8), batch_size=2, weight_mode=weight_mode)
+    labels = sliding_window(pointwise, image, 1, (8, 8, 8), S(batch_size=2, weight_mode=weight_mode))
     np.testing.assert_array_equal(labels, whole_volume(image, 1).argmax(0))
 
 
@@ -49,7 +50,7 @@ def test_smaller_than_patch_is_padded_and_cropped_and_tta() -> None:
         seen.append(tuple(x.shape))
         return pointwise(x, t)
 
-    probs = sliding_window_predict(pred, image, 0, (8, 12, 16), mirror_tta=True, batch_size=4)
+    probs = sliding_window(pred, image, 0, (8, 12, 16), S(mirror_tta=True, batch_size=4), output="probabilities")
     assert probs.shape == (3, 5, 9, 30)
     assert all(s[2:] == (8, 12, 16) for s in seen)
     np.testing.assert_allclose(probs, whole_volume(image), rtol=1e-5, atol=1e-6)
@@ -99,11 +100,11 @@ def test_unified_resize_volume_mode() -> None:
         return threshold(x, t)
 
     task_patch, model_patch = (6, 6, 8), (12, 12, 16)  # factor 2 on every axis
-    label = segment_case(pred, image, 0, task_patch, model_patch=model_patch)
+    label = infer_case(pred, image, 0, task_patch, S(), model_patch=model_patch)
     assert set(seen) == {model_patch}
     assert label.shape == (10, 12, 14) and label.dtype == np.uint8
     np.testing.assert_array_equal(label, (image[0] > 0.5).astype(np.uint8))
-    probs = predict_probabilities(pred, image, 0, task_patch, model_patch=model_patch)
+    probs = infer_case(pred, image, 0, task_patch, S(), model_patch=model_patch, output="probabilities")
     assert probs.shape == (2, 10, 12, 14)
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
     np.testing.assert_array_equal(probs.argmax(0), label)
@@ -117,14 +118,15 @@ def test_unified_resize_patch_mode() -> None:
         seen.append(tuple(x.shape[2:]))
         return threshold(x, t)
 
-    wrapped = ResizingPredictor(pred, (6, 6, 8), (12, 12, 16))
+    wrapped = ResizingNetwork(pred, (6, 6, 8), (12, 12, 16))
     assert wrapped(torch.zeros(2, 1, 6, 6, 8), 0).shape == (2, 2, 6, 6, 8)
-    label = segment_case(pred, image, 0, (6, 6, 8), model_patch=(12, 12, 16), unified_mode="patch")
+    patch_mode = S(unified_mode="patch")
+    label = infer_case(pred, image, 0, (6, 6, 8), patch_mode, model_patch=(12, 12, 16))
     assert set(seen) == {(12, 12, 16)}
     assert label.shape == (10, 12, 14)
     # constant image: the resize is exact, so every voxel is class 1
     ones = np.ones((1, 10, 12, 14), dtype=np.float32)
-    assert segment_case(pred, ones, 0, (6, 6, 8), model_patch=(12, 12, 16), unified_mode="patch").min() == 1
+    assert infer_case(pred, ones, 0, (6, 6, 8), patch_mode, model_patch=(12, 12, 16)).min() == 1
     # inside the cube (away from its faces) the class is 1, far outside 0
     assert label[3:6, 4:8, 5:10].min() == 1 and label[8:, :, :].max() == 0
 
@@ -138,7 +140,7 @@ def test_float16_accumulator_and_module_predictor() -> None:
         return conv(x)
 
     ref = torch.softmax(conv(torch.from_numpy(image)[None]), 1)[0].detach().numpy()
-    p16 = sliding_window_predict(pred, image, 0, (6, 6, 6), accum_dtype=torch.float16)
+    p16 = sliding_window(pred, image, 0, (6, 6, 6), S(accum_dtype="float16"), output="probabilities")
     np.testing.assert_allclose(p16, ref, atol=5e-3)
 
 
@@ -150,13 +152,11 @@ def test_cuda_pipelined_cpu_accumulator_matches_cpu() -> None:
     image = rng.normal(size=(2, 19, 23, 29)).astype(np.float32)
     conv_gpu = torch.nn.Conv3d(2, 3, kernel_size=3, padding=1).cuda()
     conv_gpu.load_state_dict(conv.state_dict())
-    ref = sliding_window_predict(lambda x, t: conv(x), image, 0, (8, 8, 8), batch_size=3)
+    ref = sliding_window(lambda x, t: conv(x), image, 0, (8, 8, 8), S(batch_size=3), output="probabilities")
     for img in (image, torch.from_numpy(image).cuda()):  # CPU input, and input already on the GPU
         for accum_device in ("cpu", "cuda"):
-            got = sliding_window_predict(lambda x, t: conv_gpu(x), img, 0, (8, 8, 8), batch_size=3,
-                                         device="cuda", accum_device=accum_device)  # fmt: skip
+            settings = S(batch_size=3, device="cuda", accum_device=accum_device)
+            got = sliding_window(lambda x, t: conv_gpu(x), img, 0, (8, 8, 8), settings, output="probabilities")
             np.testing.assert_allclose(got, ref, atol=1e-4)
-    labels = sliding_window_segment(
-        lambda x, t: conv_gpu(x), image, 0, (8, 8, 8), device="cuda", mirror_tta=True
-    )
+    labels = sliding_window(lambda x, t: conv_gpu(x), image, 0, (8, 8, 8), S(device="cuda", mirror_tta=True))
     assert labels.shape == image.shape[1:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.losses import SegmentationLoss, focal_loss, lovasz_softmax, lovasz_softmax_flat
+from training.losses import SegmentationLoss, focal_loss, lovasz_softmax, lovasz_softmax_flat
 
 
 def _logits_from_p1(p1: list[float]) -> torch.Tensor:

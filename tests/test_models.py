@@ -91,7 +91,7 @@ def test_parameter_split_covers_everything_once():
     names = split.shared + [n for task in split.per_task for n in task]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     counts = parameter_counts(model)
-    assert counts["shared"] + sum(counts["per_task"]) == counts["total"] == 6_577_460
+    assert counts.shared + sum(counts.per_task) == counts.total == 6_577_460
     # the pointwise convs are shared, the depthwise adapters are not
     assert any("pointwise" in n for n in split.shared)
     assert all("depthwise." not in n for n in split.shared)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from utils.postprocess import postprocess
+from inference.postprocess import postprocess
 
 
 def _plans(keep: int, tumour: list[int] | None = None, num_classes: int = 3) -> dict:

@@ -11,9 +11,9 @@ import SimpleITK as sitk
 import torch
 
 import predict
+from demo.data import generate_task
 from models import build_model
 from utils.checkpoint import save_checkpoint
-from utils.demo_data import generate_task
 
 
 def _plans(task: str, modalities: list[str], num_classes: int, patch: list[int]) -> dict:

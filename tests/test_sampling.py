@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 
-from utils.sampling import (
+from training.augmentation import (
     AugmentParams,
     MirrorAxesTransform,
-    PatchLoader,
-    compute_case_info,
-    extract_patch,
     extraction_size,
-    fold_case_ids,
-    list_cases,
-    make_train_loader,
     make_transforms,
-    num_foreground_samples,
     safe_jitter,
 )
+from training.loader import TrainLoader
+from training.sampling import PatchSampler, compute_case_info, extract_patch, num_foreground_samples
+from utils.folds import fold_case_ids
+from utils.preprocessing import list_cases
 
 PATCH = (8, 12, 10)
 TASK = "Task99_Tiny"
@@ -120,9 +118,10 @@ def test_first_samples_hold_foreground(task_dir: Path, plans: dict, augment: boo
     batch = 5  # first ceil(5/3)+1 = 3 must hold foreground
     n_batches = 12 if augment else 40
     for seed in (0, 1, 2):
-        it = make_train_loader(task_dir, plans, batch, seed=seed, augment=augment, to_tensor=False)
+        it = TrainLoader(list_cases(task_dir), plans, batch, seed=seed, augment=augment)
         for _ in range(n_batches):
             b = next(it)
+            b = {**b, "data": b["data"].numpy(), "seg": b["seg"].numpy()}
             assert b["data"].shape == (batch, 2, *PATCH) and b["seg"].shape == (batch, 1, *PATCH)
             assert b["data"].dtype == np.float32
             for i in range(3):
@@ -137,12 +136,12 @@ def test_first_samples_hold_foreground(task_dir: Path, plans: dict, augment: boo
 def test_kind_distribution(task_dir: Path) -> None:
     # cases that always have both labels, so kinds are exactly the drawn ones
     cases = [c for c in list_cases(task_dir) if Path(c).name in ("tiny_000", "tiny_001", "tiny_003")]
-    loader = PatchLoader(cases, PATCH, 9, small_label=2, seed=7)
+    loader = PatchSampler(cases, PATCH, 9, small_label=2, seed=7)
     counts_first = {"small": 0, "fore": 0, "any": 0}
     counts_rest = {"small": 0, "fore": 0, "any": 0}
     n = 400
     for _ in range(n):
-        kinds = loader.generate_train_batch()["kinds"]
+        kinds = loader.next_batch()["kinds"]
         for k in kinds[:4]:
             counts_first[k] += 1
         for k in kinds[4:]:
@@ -157,8 +156,8 @@ def test_kind_distribution(task_dir: Path) -> None:
 
 def test_two_draws_per_case(task_dir: Path) -> None:
     cases = [c for c in list_cases(task_dir) if Path(c).name != "tiny_004"]
-    loader = PatchLoader(cases, PATCH, 4, small_label=2, seed=3)
-    ids = sum((loader.generate_train_batch()["case_ids"] for _ in range(10)), [])
+    loader = PatchSampler(cases, PATCH, 4, small_label=2, seed=3)
+    ids = sum((loader.next_batch()["case_ids"] for _ in range(10)), [])
     assert all(ids[i] == ids[i + 1] for i in range(0, len(ids), 2))
     # shuffled passes: every case appears once per pass of 4 cases x 2 draws
     assert sorted(set(ids[:8])) == sorted(Path(c).name for c in cases)
@@ -166,10 +165,10 @@ def test_two_draws_per_case(task_dir: Path) -> None:
 
 def test_padding_small_volume(task_dir: Path) -> None:
     small = [c for c in list_cases(task_dir) if Path(c).name == "tiny_003"]  # (6, 8, 7) < patch
-    loader = PatchLoader(small, PATCH, 6, small_label=2, seed=0)
+    loader = PatchSampler(small, PATCH, 6, small_label=2, seed=0)
     n_any = 0
     for _ in range(10):
-        b = loader.generate_train_batch()
+        b = loader.next_batch()
         for i in range(6):
             nz = np.argwhere(b["data"][i, 0] != 0)
             box = nz.max(0) - nz.min(0) + 1
@@ -183,10 +182,10 @@ def test_padding_small_volume(task_dir: Path) -> None:
 
 def test_shapes_unified_resize_and_determinism(task_dir: Path, plans: dict) -> None:
     state = np.random.get_state()
-    kwargs = dict(model_patch=(16, 16, 16), seed=11, augment=True)
-    a = make_train_loader(task_dir, plans, 3, **kwargs)
-    b = make_train_loader(task_dir, plans, 3, **kwargs)
-    c = make_train_loader(task_dir, plans, 3, model_patch=(16, 16, 16), seed=12, augment=True)
+    cases = list_cases(task_dir)
+    a = TrainLoader(cases, plans, 3, model_patch=(16, 16, 16), seed=11)
+    b = TrainLoader(cases, plans, 3, model_patch=(16, 16, 16), seed=11)
+    c = TrainLoader(cases, plans, 3, model_patch=(16, 16, 16), seed=12)
     differs = False
     for _ in range(3):
         ba, bb, bc = next(a), next(b), next(c)
@@ -198,7 +197,6 @@ def test_shapes_unified_resize_and_determinism(task_dir: Path, plans: dict) -> N
         differs |= not torch.equal(ba["data"], bc["data"])
         assert (ba["seg"][:2] > 0).flatten(1).any(1).all()  # resize keeps the foreground
     assert differs
-    a._finish()
     # the global numpy RNG is untouched by the loader/transforms
     after = np.random.get_state()
     assert after[0] == state[0] and np.array_equal(after[1], state[1]) and after[2:] == state[2:]
@@ -220,35 +218,63 @@ def test_mirror_last_axis_probability() -> None:
     np.testing.assert_array_equal(out["seg"][same], s0[same])
 
 
+def _centre_crop(volume: np.ndarray, patch: tuple[int, int, int]) -> np.ndarray:
+    off = [(e - p) // 2 for e, p in zip(volume.shape, patch, strict=True)]
+    return volume[off[0] : off[0] + patch[0], off[1] : off[1] + patch[1], off[2] : off[2] + patch[2]]
+
+
 def test_rotation_is_about_first_axis() -> None:
-    """With rotation only, a volume that varies along z only is unchanged in z (batchgenerators'
-    angle_x rotates in the (y, x) plane)."""
-    aug = AugmentParams(p_elastic=0, p_rotation=1.0, p_scale=0, p_mirror=0)
-    ext = extraction_size(PATCH, aug)
-    z = np.arange(ext[0], dtype=np.float32)[:, None, None] + 1
-    data = np.broadcast_to(z, ext)[None, None].copy()
+    """Rotation only: a volume that is a z-ramp plus a function of the (y, x) distance to the centre
+    is invariant to rotations in the (y, x) plane (about z) but not to rotations about y or x;
+    a y-ramp changes (so a rotation did happen)."""
+    rot = AugmentParams(p_elastic=0, p_rotation=1.0, p_scale=0, p_mirror=0)
+    none = AugmentParams(p_elastic=0, p_rotation=0.0, p_scale=0, p_mirror=0)
+    ext = extraction_size(PATCH, rot)
+    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in ext], indexing="ij")
+    r2 = (y - (ext[1] - 1) / 2) ** 2 + (x - (ext[2] - 1) / 2) ** 2
     seg = np.zeros((1, 1, *ext), np.float32)
-    t = make_transforms(PATCH, aug=aug, to_tensor=False)
-    out = t(data=data, seg=seg, aug_seed=3)["data"][0, 0]
-    off = (ext[0] - PATCH[0]) // 2
-    expected = np.broadcast_to((np.arange(PATCH[0]) + off + 1)[:, None, None], PATCH)
-    np.testing.assert_allclose(out, expected, atol=1e-3)
-    # the rotation did happen: a y-ramp changes
-    yramp = np.broadcast_to(np.arange(ext[1], dtype=np.float32)[None, :, None], ext)[None, None].copy()
-    out_y = t(data=yramp, seg=seg, aug_seed=3)["data"][0, 0]
-    assert not np.allclose(out_y, yramp[0, 0, off:off + PATCH[0], :PATCH[1], :PATCH[2]])
+    with_rot = make_transforms(PATCH, aug=rot)
+    without = make_transforms(PATCH, aug=none)
+    for volume in (2.0 * z + 0.05 * r2, y):
+        data = volume[None, None].copy()
+        plain = without(data=data.copy(), seg=seg.copy(), aug_seed=3)["data"][0, 0]
+        np.testing.assert_allclose(plain, _centre_crop(volume, PATCH), atol=1e-4)  # no rotation: the centre crop
+    for seed in (3, 4, 5):
+        symmetric = (2.0 * z + 0.05 * r2)[None, None].copy()
+        out = with_rot(data=symmetric, seg=seg.copy(), aug_seed=seed)["data"][0, 0]
+        np.testing.assert_allclose(out, _centre_crop(symmetric[0, 0], PATCH), atol=0.05)
+        yramp = y[None, None].copy()
+        out_y = with_rot(data=yramp, seg=seg.copy(), aug_seed=seed)["data"][0, 0]
+        assert np.abs(out_y - _centre_crop(y, PATCH)).max() > 0.1
 
 
-def test_multithreaded_matches_single(task_dir: Path, plans: dict) -> None:
-    single = make_train_loader(task_dir, plans, 2, seed=5, augment=True, num_workers=0)
-    multi = make_train_loader(task_dir, plans, 2, seed=5, augment=True, num_workers=1)
-    assert isinstance(multi, MultiThreadedAugmenter)
+def test_loader_worker_processes_are_deterministic(task_dir: Path, plans: dict) -> None:
+    """Two loaders with 2 worker processes each give the same batches; 1 worker equals in-process;
+    close() stops the workers."""
+    cases = list_cases(task_dir)
+    single = TrainLoader(cases, plans, 2, seed=5, num_workers=0)
+    one = TrainLoader(cases, plans, 2, seed=5, num_workers=1)
+    with TrainLoader(cases, plans, 2, seed=5, num_workers=2) as a, TrainLoader(cases, plans, 2, seed=5, num_workers=2) as b:
+        batches_a = [next(a) for _ in range(4)]
+        batches_b = [next(b) for _ in range(4)]
+        assert len(mp.active_children()) >= 4
+    for ba, bb in zip(batches_a, batches_b, strict=True):
+        assert torch.equal(ba["data"], bb["data"]) and torch.equal(ba["seg"], bb["seg"])
+        assert ba["case_ids"] == bb["case_ids"]
+    # batches alternate between the two workers: not all equal to each other
+    assert not torch.equal(batches_a[0]["data"], batches_a[1]["data"])
     try:
         for _ in range(2):
-            bs, bm = next(single), next(multi)
-            assert bm["data"].shape == (2, 2, *PATCH)
-            assert torch.equal(bs["data"], bm["data"]) and torch.equal(bs["seg"], bm["seg"])
-            assert bs["kinds"] == bm["kinds"]
+            bs, b1 = next(single), next(one)
+            assert b1["data"].shape == (2, 2, *PATCH)
+            assert torch.equal(bs["data"], b1["data"]) and torch.equal(bs["seg"], b1["seg"])
+            assert bs["kinds"] == b1["kinds"]
     finally:
-        multi._finish()
-        single._finish()
+        one.close()
+        single.close()
+    deadline = time.monotonic() + 10
+    while mp.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not mp.active_children()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(one)

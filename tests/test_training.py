@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from models.loading import build_model_from_checkpoint
+from tests.synthetic import make_synthetic_task, write_folds
 from training.cli import build_parser, config_from_args, main, predict_run, prepare_runs
 from training.config import TrainConfig
 from training.loop import fit
 from training.optim import PlateauHalving, make_optimizer
 from training.state import LATEST, numbered_name
 from training.step import task_for_step
-from training.synthetic import make_synthetic_task, write_folds
-from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
+from utils.checkpoint import load_checkpoint
 
 A, B = "Task97_TinyA", "Task98_TinyB"
 

@@ -1,20 +1,49 @@
-"""Run settings of one training run: a JSON-able dataclass saved as ``config.json`` in the run folder."""
+"""Run settings of one training run: a JSON-able dataclass saved as ``config.json`` in the run folder.
+
+:class:`TrainConfig` is the one place where a training setting and its default live: every field
+(but ``mode`` and ``tasks``) carries its command-line flag and help text in its metadata, and
+:mod:`training.cli` builds the scripts' argument parser from them (:func:`add_config_arguments`).
+"""
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-TRAIN_MODES = ("independent", "shared", "universal")
+from models.runtime import AMP_MODES
+from models.unet import ADAPTER_MODULES, TRAIN_MODES
+from utils.folds import default_folds_file
+from utils.io_utils import atomic_write_json
+
 #: model patch of shared/universal training in the paper preset
 PRESET_MODEL_PATCH = (128, 128, 128)
 #: pools per axis of the shared/universal model in the paper preset
 PRESET_POOLS = (5, 5, 5)
 #: batch size of shared/universal training in the paper preset
 PRESET_SHARED_BATCH = 2
+#: the network's name in run folder names (``res_u2net3d_{mode}``, as the original)
+MODEL_NAME = "u2net3d"
+SWITCH_CHOICES = ("auto", "on", "off")
+
+WHAT = "what to train (flags of the original scripts)"
+DATA = "data and outputs"
+SCHEDULE = "schedule (defaults: the paper preset)"
+HARDWARE = "hardware and reproducibility"
+GROUPS = (WHAT, DATA, SCHEDULE, HARDWARE)
+
+
+def _opt(default: Any, help: str, group: str, *, flag: str | None = None, **argparse_kwargs: Any) -> Any:
+    """A config field with its command-line flag (``--<field name>`` unless ``flag`` is given).
+
+    ``argparse_kwargs``: ``choices``, ``metavar``, ``nargs``, ``type``, ``const``, or
+    ``negate="--no_x"`` for a True-by-default switch turned off by that flag.
+    """
+    meta = {"help": help, "group": group, "flag": flag, "argparse": argparse_kwargs}
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -27,45 +56,109 @@ class TrainConfig:
 
     mode: str
     tasks: list[str]
-    module: str | None = None
-    model_name: str = "u2net3d"
-    out_tag: str = ""
-    base_channels: int = 16
-    fold: int = 0
-    dataset_dir: str = "dataset"
-    prep_dir: str = "prepData"
-    results_dir: str = "results"
-    folds_file: str = "fold_splits.json"
-    max_epoch: int = 300
-    steps_per_epoch: int = 300
-    batch_size: int | None = None
-    patch_size: list[int] | None = None
-    model_patch: list[int] | None = None
-    pools: list[int] | None = None
-    val_every: int = 10
-    val_from: int = 100
-    save_every: int = 5
-    device: str = "cpu"
-    num_workers: int = 0
-    amp: str = "off"  # "off" | "bf16" | "fp16"
-    channels_last: str = "auto"  # "auto" (on for CPU) | "on" | "off"
-    fused_ops: str = "auto"  # "auto" (on for CPU without AMP) | "on" | "off"
-    seed: int = 1993
-    torch_seed: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 5e-4
-    lr_window: int = 20
-    lr_min_delta: float = 1e-4
-    lr_factor: float = 0.5
-    lr_stop: float = 1e-8
-    augment: bool = True
-    val_postprocess: bool = True
-    val_max_cases: int | None = None
-    ckp: str | None = None
-    init_from: str | None = None
-    deterministic: bool = False
-    threads: int | None = None
-    log_images_every: int = 0  # training image slices to TensorBoard every N steps (0: off)
+    module: str | None = _opt(
+        "separable_adapter",
+        "universal mode's adapter: separable_adapter (the paper's depthwise adapters), series_adapter or "
+        "parallel_adapter (residual adapters); ignored in the other modes",
+        WHAT, choices=ADAPTER_MODULES,
+    )  # fmt: skip
+    ckp: str | None = _opt(
+        None,
+        "new domain: a trained shared/universal checkpoint; the model gets --tasks' parts, its old weights are "
+        "loaded and frozen, and only the new task's parameters train",
+        WHAT, metavar="CKPT",
+    )  # fmt: skip
+    init_from: str | None = _opt(
+        None,
+        "with --ckp: start the new task's norms/adapters as copies of this old task's (default: fresh "
+        "initialisation); heads are always fresh",
+        WHAT, metavar="TASK",
+    )  # fmt: skip
+    fold: int = _opt(0, "cross-validation fold of --folds_file whose val cases are validated on", WHAT, type=int)
+    out_tag: str = _opt("", "tag of the output folder: <results_dir>/res_u2net3d_{mode}_{tag}/{tasks}", WHAT)
+    base_channels: int = _opt(
+        16, "channels of the first U-Net level (16 in the paper)", WHAT, flag="--base_outChans", type=int
+    )
+    dataset_dir: str = _opt("dataset", "raw MSD task folders (used by --predict test)", DATA)
+    prep_dir: str = _opt("prepData", "preprocessed data of preprocess_taskSep.py", DATA)
+    folds_file: str | None = _opt(
+        None,
+        "fold splits JSON (default: <prep_dir>/fold_splits.json, written by preprocess_taskSep.py)",
+        DATA, metavar="JSON",
+    )  # fmt: skip
+    results_dir: str = _opt("results", "root of the run folders", DATA)
+    max_epoch: int = _opt(300, "epochs (training stops earlier when the LR drops below --lr_stop)", SCHEDULE, type=int)
+    steps_per_epoch: int = _opt(
+        300, "optimisation steps per epoch; shared/universal step k trains task (k-1) mod T", SCHEDULE, type=int
+    )
+    batch_size: int | None = _opt(
+        None,
+        "patches per step (default: the task's plans for independent models, 2 for shared/universal)",
+        SCHEDULE, type=int,
+    )  # fmt: skip
+    patch_size: list[int] | None = _opt(
+        None,
+        "patch sampled from every task's volumes (default: each task's plans); independent models then pool "
+        "as often as the patch allows unless --pools is given",
+        SCHEDULE, nargs=3, type=int, metavar=("Z", "Y", "X"),
+    )  # fmt: skip
+    model_patch: list[int] | None = _opt(
+        None,
+        "shared/universal: the model patch every task patch is resized to (default 128 128 128)",
+        SCHEDULE, nargs=3, type=int, metavar=("Z", "Y", "X"),
+    )  # fmt: skip
+    pools: list[int] | None = _opt(
+        None,
+        "stride-2 poolings per axis (default: plans for independent, 5 5 5 for shared/universal)",
+        SCHEDULE, nargs=3, type=int, metavar=("Z", "Y", "X"),
+    )  # fmt: skip
+    val_every: int = _opt(10, "validate every N epochs (0: only at the end)", SCHEDULE, type=int)
+    val_from: int = _opt(100, "first epoch of periodic validation", SCHEDULE, type=int)
+    val_max_cases: int | None = _opt(None, "validate on at most N cases per task (default: all)", SCHEDULE, type=int)
+    val_postprocess: bool = _opt(True, "validate without post-processing", SCHEDULE, negate="--no_val_postprocess")
+    save_every: int = _opt(
+        5, "keep checkpoints/epoch_XXXX.pt every N epochs (latest.pt is written after every epoch)", SCHEDULE, type=int
+    )
+    lr: float = _opt(3e-4, "Adam learning rate", SCHEDULE, type=float)
+    weight_decay: float = _opt(5e-4, "Adam weight decay (L2 added to the gradient)", SCHEDULE, type=float)
+    lr_window: int = _opt(20, "plateau rule: epochs in the moving average of the epoch losses", SCHEDULE, type=int)
+    lr_min_delta: float = _opt(
+        1e-4, "plateau rule: halve the LR when the moving average fell by less than this", SCHEDULE, type=float
+    )
+    lr_factor: float = _opt(0.5, "plateau rule: factor applied to the LR on a plateau", SCHEDULE, type=float)
+    lr_stop: float = _opt(1e-8, "stop training once the LR is below this", SCHEDULE, type=float)
+    augment: bool = _opt(True, "no elastic/rotation/scaling/mirroring augmentation", SCHEDULE, negate="--no_augment")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)", HARDWARE)
+    num_workers: int = _opt(
+        2,
+        "loader worker processes per task (0 = load in the training process, for debugging)",
+        HARDWARE, type=int,
+    )  # fmt: skip
+    amp: str = _opt(
+        "off",
+        "mixed precision autocast: --amp alone = auto (bfloat16 where supported, else float16 on CUDA); "
+        "off = fp32 (the paper preset)",
+        HARDWARE, choices=AMP_MODES, nargs="?", const="auto",
+    )  # fmt: skip
+    channels_last: str = _opt(
+        "auto",
+        "channels_last_3d memory format (auto: on for CPU, where it is faster, off on CUDA)",
+        HARDWARE, choices=SWITCH_CHOICES,
+    )  # fmt: skip
+    fused_ops: str = _opt(
+        "auto", "hand-fused norm/depthwise kernels (auto: on for CPU without AMP)", HARDWARE, choices=SWITCH_CHOICES
+    )
+    seed: int = _opt(1993, "NumPy / data loader seed (preset 1993)", HARDWARE, type=int)
+    torch_seed: int = _opt(1, "torch seed for the weight initialisation (preset 1)", HARDWARE, type=int)
+    threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)", HARDWARE, type=int)
+    deterministic: bool = _opt(
+        False,
+        "deterministic CUDA algorithms (slower; exact resume on GPU); CPU runs are deterministic anyway",
+        HARDWARE,
+    )  # fmt: skip
+    log_images_every: int = _opt(
+        0, "TensorBoard image/label/prediction slices of a training batch every N steps (0: off)", HARDWARE, type=int
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -75,6 +168,8 @@ class TrainConfig:
         self.tasks = [str(t) for t in self.tasks]
         if self.mode == "universal":
             self.module = self.module or "separable_adapter"
+            if self.module not in ADAPTER_MODULES:
+                raise ValueError(f"module must be one of {ADAPTER_MODULES}, got {self.module!r}")
         else:
             self.module = None
         for name in ("patch_size", "model_patch", "pools"):
@@ -84,31 +179,33 @@ class TrainConfig:
                 if len(v) != 3:
                     raise ValueError(f"{name} must be 3 integers (z, y, x), got {v}")
                 setattr(self, name, v)
-        if self.amp not in ("off", "bf16", "fp16"):
-            raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         for name in ("channels_last", "fused_ops"):
-            if getattr(self, name) not in ("auto", "on", "off"):
-                raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
+            if getattr(self, name) not in SWITCH_CHOICES:
+                raise ValueError(f"{name} must be one of {SWITCH_CHOICES}, got {getattr(self, name)!r}")
         if self.max_epoch < 0 or self.steps_per_epoch < 1:
             raise ValueError("max_epoch must be >= 0 and steps_per_epoch >= 1")
         if self.save_every < 1:
             raise ValueError("save_every must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0")
         if self.mode == "independent" and self.ckp:
             raise ValueError("--ckp (new-domain adaptation) needs a shared or universal model")
 
     # -- derived values -----------------------------------------------------------------------
-    @property
-    def is_multi_task_model(self) -> bool:
-        return self.mode != "independent"
-
     def run_name(self) -> str:
-        """``res_{model}_{mode}[_{tag}]`` (the original's folder name)."""
+        """``res_u2net3d_{mode}[_{tag}]`` (the original's folder name)."""
         tag = f"_{self.out_tag}" if self.out_tag else ""
-        return f"res_{self.model_name}_{self.mode}{tag}"
+        return f"res_{MODEL_NAME}_{self.mode}{tag}"
 
     def run_dir(self) -> Path:
-        """``results_dir/res_{model}_{mode}[_{tag}]/{task1_task2_...}``."""
+        """``results_dir/res_u2net3d_{mode}[_{tag}]/{task1_task2_...}``."""
         return Path(self.results_dir) / self.run_name() / "_".join(self.tasks)
+
+    def folds_path(self) -> Path:
+        """``folds_file``, or ``<prep_dir>/fold_splits.json`` when it is not given."""
+        return Path(self.folds_file) if self.folds_file else default_folds_file(self.prep_dir)
 
     def uses_channels_last(self, device_type: str) -> bool:
         return self.channels_last == "on" or (self.channels_last == "auto" and device_type == "cpu")
@@ -135,11 +232,44 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from utils.io_utils import atomic_write_json
-
         atomic_write_json(path, self.to_dict())
 
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> TrainConfig:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+
+# ----------------------------------------------------------------------------------------------
+# the command line, generated from the fields
+# ----------------------------------------------------------------------------------------------
+def flag_fields() -> list[tuple[str, str]]:
+    """``(field name, flag)`` of every field that has a command-line flag (all but mode and tasks)."""
+    out = []
+    for f in fields(TrainConfig):
+        if "help" not in f.metadata:
+            continue
+        kw = f.metadata["argparse"]
+        out.append((f.name, kw.get("negate") or f.metadata["flag"] or f"--{f.name}"))
+    return out
+
+
+def add_config_arguments(groups: Mapping[str, Any]) -> None:
+    """Add one flag per :class:`TrainConfig` field (but mode and tasks) to the argument groups
+    (keys: :data:`GROUPS`), with the field's default, help text and choices. The parsed
+    ``Namespace`` attribute of each flag is the field name."""
+    for f in fields(TrainConfig):
+        if "help" not in f.metadata:
+            continue
+        meta = f.metadata
+        kw = dict(meta["argparse"])
+        default = f.default if f.default is not MISSING else None
+        group = groups[meta["group"]]
+        negate = kw.pop("negate", None)
+        if negate:
+            group.add_argument(negate, dest=f.name, action="store_false", default=default, help=meta["help"])
+        elif isinstance(default, bool):
+            group.add_argument(meta["flag"] or f"--{f.name}", dest=f.name, action="store_true", default=default,
+                               help=meta["help"])  # fmt: skip
+        else:
+            group.add_argument(meta["flag"] or f"--{f.name}", dest=f.name, default=default, help=meta["help"], **kw)
+
+
+def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`TrainConfig` keyword arguments of parsed flags (every field but mode and tasks)."""
+    return {name: getattr(args, name) for name, _ in flag_fields()}

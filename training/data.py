@@ -10,23 +10,20 @@ processes), so rebuilding the loaders costs no label scans.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from utils.sampling import (
-    AugmentParams,
-    CaseInfo,
-    compute_case_info,
-    fold_case_ids,
-    list_cases,
-    make_train_loader,
-)
+from training.augmentation import AugmentParams
+from training.loader import TrainLoader
+from training.sampling import CaseInfo, compute_case_info
+from utils.folds import fold_case_ids
+from utils.io_utils import read_json
+from utils.preprocessing import list_cases
 
 Shape3 = tuple[int, int, int]
 
@@ -75,8 +72,8 @@ def read_plans(prep_root: str | os.PathLike[str], task: str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{path} not found: preprocess the task first (python preprocess_taskSep.py --tasks {task})"
         )
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    plans: dict[str, Any] = read_json(path)
+    return plans
 
 
 def load_task_data(
@@ -137,11 +134,6 @@ def epoch_seed(seed: int, epoch: int, task_idx: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(epoch), int(task_idx)]).generate_state(1)[0] % (2**31 - 1024))
 
 
-def _patch_loader(loader: Any) -> Any:
-    """The batchgenerators data loader inside a Single/MultiThreaded augmenter."""
-    return getattr(loader, "data_loader", None) or getattr(loader, "generator", None)
-
-
 def make_epoch_loader(
     task: TaskData,
     task_idx: int,
@@ -152,13 +144,14 @@ def make_epoch_loader(
     model_patch: Sequence[int] | None = None,
     num_workers: int = 0,
     augment: bool | AugmentParams = True,
-) -> Iterator[dict[str, Any]]:
+    pin_memory: bool = False,
+) -> TrainLoader:
     """Batch iterator of ``task`` for ``epoch``, seeded from ``(seed, epoch, task_idx)``.
 
     Yields ``{"data": (B, M, *P), "seg": (B, 1, *P), ...}`` tensors with ``P = model_patch`` (resized)
-    or the task patch. Call ``._finish()`` when the epoch is over (stops worker processes).
+    or the task patch. Close it (or use it as a context manager) when the epoch is over.
     """
-    loader = make_train_loader(
+    return TrainLoader(
         task.train_cases,
         task.plans,
         batch_size,
@@ -166,9 +159,6 @@ def make_epoch_loader(
         num_workers=num_workers,
         seed=epoch_seed(seed, epoch, task_idx),
         augment=augment,
+        case_info=scan_cases(task),
+        pin_memory=pin_memory,
     )
-    inner = _patch_loader(loader)
-    if inner is not None and hasattr(inner, "_info"):
-        # share the per-case scan results (same case order): no label scan in any epoch's workers
-        inner._info = dict(scan_cases(task))
-    return loader

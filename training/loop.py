@@ -14,16 +14,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from inference.settings import InferenceSettings
+from models.report import format_parameter_report, parameter_report
+from models.runtime import amp_dtype, resolve_amp, resolve_device
 from training.config import PRESET_SHARED_BATCH, TrainConfig
 from training.data import TaskData, make_epoch_loader, scan_cases
+from training.losses import SegmentationLoss
 from training.optim import PlateauHalving, make_optimizer, set_lr
 from training.run_log import RunLog
-from training.setup import ModelSetup, format_parameter_report, parameter_report
+from training.setup import ModelSetup
 from training.state import TrainState, save_training_checkpoint
-from training.step import StepOptions, amp_dtype_of, task_for_step, train_step
-from training.validation import InferenceSettings, mean_dice, validate
+from training.step import StepOptions, task_for_step, train_step
+from training.validation import mean_dice, validate
+from utils.checkpoint import restore_rng_state
 from utils.io_utils import atomic_write_json
-from utils.losses import SegmentationLoss
 
 #: settings that must match between an interrupted run and its resumption for identical batches
 EXACT_RESUME_KEYS = ("seed", "num_workers", "steps_per_epoch", "batch_size", "patch_size", "model_patch", "augment")
@@ -38,13 +42,6 @@ class Prepared:
     setup: ModelSetup
     run_dir: Path
     resume_ckpt: dict[str, Any] | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but CUDA is not available on this machine")
-    return dev
 
 
 def batch_size_for(config: TrainConfig, task: TaskData) -> int:
@@ -95,14 +92,14 @@ def fit(
     device = resolve_device(config.device)
     configure_torch(config, device)
     model = setup.model
-    amp_dtype = amp_dtype_of(config.amp, device)
+    dtype = amp_dtype(config.amp, device)
     channels_last = config.uses_channels_last(device.type)
-    model.set_fused_ops(config.uses_fused_ops(device.type))  # type: ignore[operator]
+    model.set_fused_ops(config.uses_fused_ops(device.type))
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
     optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     lr_rule = PlateauHalving(
         config.lr, window=config.lr_window, min_delta=config.lr_min_delta, factor=config.lr_factor,
         stop_below=config.lr_stop,
@@ -129,14 +126,12 @@ def fit(
             log.info(f"resumed after epoch {state.epoch} (step {state.step}, lr {lr_rule.lr:.3g})")
             for w in _resume_warnings(resume["train_state"].get("config") or {}, config):
                 log.info(f"WARNING: {w}")
-            from utils.checkpoint import restore_rng_state
-
             restore_rng_state(resume["train_state"]["rng"])
         config.save(run_dir / "config.json")
         report = parameter_report(model, setup.task_names, setup.new_task)
         atomic_write_json(run_dir / "params.json", report)
         log.info(format_parameter_report(report))
-        return _epochs(prep, model, optimizer, scaler, lr_rule, state, log, device, amp_dtype, channels_last,
+        return _epochs(prep, optimizer, scaler, lr_rule, state, log, StepOptions(device, dtype, channels_last),
                        progress, on_step)  # fmt: skip
     finally:
         if own_log:
@@ -145,19 +140,17 @@ def fit(
 
 def _epochs(
     prep: Prepared,
-    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     lr_rule: PlateauHalving,
     state: TrainState,
     log: RunLog,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool,
+    options: StepOptions,
     progress: bool,
     on_step: Callable[[int, float], None] | None,
 ) -> TrainState:
     config, tasks, setup = prep.config, prep.tasks, prep.setup
+    model, device = setup.model, options.device
     trained = setup.trained_tasks
     names = setup.task_names
     if state.epoch >= config.max_epoch or lr_rule.should_stop:
@@ -165,15 +158,14 @@ def _epochs(
         log.info(f"nothing to train: {state.epoch} epochs done ({why})")
         return state
     loss_fn = SegmentationLoss()
-    options = StepOptions(device, amp_dtype, channels_last)
     infer = InferenceSettings(
-        device=device, model_patch=setup.model_patch, amp=amp_dtype is not None, postprocess=config.val_postprocess
+        device=str(device), amp=resolve_amp(config.amp, device), postprocess=config.val_postprocess
     )
     for t in trained:
         scan_cases(tasks[t])
     log.info(
         f"training {config.mode} model on {[names[t] for t in trained]} for epochs {state.epoch + 1}..{config.max_epoch} "
-        f"x {config.steps_per_epoch} steps on {device} (amp {config.amp}, channels_last {channels_last}, "
+        f"x {config.steps_per_epoch} steps on {device} (amp {config.amp}, channels_last {options.channels_last}, "
         f"batch {[batch_size_for(config, tasks[t]) for t in trained]}, model patch {setup.model_patch}, "
         f"task patches {[list(tasks[t].patch_size) for t in trained]})"
     )
@@ -184,6 +176,7 @@ def _epochs(
             t: make_epoch_loader(
                 tasks[t], t, epoch, batch_size=batch_size_for(config, tasks[t]), seed=config.seed,
                 model_patch=setup.model_patch, num_workers=config.num_workers, augment=config.augment,
+                pin_memory=device.type == "cuda",
             )  # fmt: skip
             for t in trained
         }
@@ -219,7 +212,7 @@ def _epochs(
         finally:
             bar.close()
             for ld in loaders.values():
-                ld._finish()  # type: ignore[attr-defined]
+                ld.close()
         n = sum(counts.values())
         epoch_loss = sum(sums.values()) / max(n, 1)
         per_task = {names[t]: sums[t] / counts[t] for t in trained if counts[t]}
@@ -245,7 +238,7 @@ def _epochs(
         last = stop or epoch == config.max_epoch
         best = False
         if config.should_validate(epoch) or last:
-            best = _validate_and_log(prep, model, infer, state, log, epoch)
+            best = _validate_and_log(prep, infer, state, log, epoch)
         state.finished = last
         save_training_checkpoint(
             prep.run_dir / "checkpoints", model=model, tasks=setup.checkpoint_tasks(), model_patch=setup.model_patch,
@@ -259,14 +252,12 @@ def _epochs(
     return state
 
 
-def _validate_and_log(
-    prep: Prepared, model: torch.nn.Module, infer: InferenceSettings, state: TrainState, log: RunLog, epoch: int
-) -> bool:
+def _validate_and_log(prep: Prepared, infer: InferenceSettings, state: TrainState, log: RunLog, epoch: int) -> bool:
     """Validate the trained tasks, log Dice (text, TensorBoard, CSV); returns whether this is the best."""
     config, tasks, setup = prep.config, prep.tasks, prep.setup
     t0 = time.perf_counter()
     results = validate(
-        model, tasks, setup.trained_tasks, infer, max_cases=config.val_max_cases,
+        setup.model, tasks, setup.trained_tasks, setup.model_patch, infer, max_cases=config.val_max_cases,
         csv_dir=prep.run_dir / "eval" / f"epoch_{epoch:04d}",
     )  # fmt: skip
     md = mean_dice(results)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from utils.io_utils import atomic_write_csv
 
 VAL_CSV_FIELDS = ("epoch", "step", "task", "class", "class_name", "dice", "num_cases")
 
@@ -41,8 +44,6 @@ class RunLog:
         self.console = console
         self.writer = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
         self.val_csv = self.run_dir / "val_dice.csv"
 
@@ -50,8 +51,6 @@ class RunLog:
     def info(self, msg: str) -> None:
         self.logger.info(msg)
         if self.console:
-            from tqdm import tqdm
-
             tqdm.write(msg, file=sys.stderr)
 
     # -- TensorBoard ----------------------------------------------------------------------------
@@ -94,24 +93,16 @@ class RunLog:
     # -- validation CSV -------------------------------------------------------------------------
     def truncate_val_csv(self, after_epoch: int) -> None:
         """Drop rows of epochs after ``after_epoch`` (written by a run that is now resumed earlier)."""
-        if not self.val_csv.is_file():
-            return
-        with open(self.val_csv, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= after_epoch]
-        self._write_val_rows(rows, mode="w")
+        rows = [r for r in self._read_val_rows() if int(r["epoch"]) <= after_epoch]
+        if self.val_csv.is_file():
+            atomic_write_csv(self.val_csv, VAL_CSV_FIELDS, rows)
 
     def append_val_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        self._write_val_rows(rows, mode="a")
+        """Add rows; the file is rewritten atomically (it stays small: a row per task, class and validation)."""
+        atomic_write_csv(self.val_csv, VAL_CSV_FIELDS, [*self._read_val_rows(), *rows])
 
-    def _write_val_rows(self, rows: Sequence[Mapping[str, Any]], mode: str) -> None:
-        new_file = mode == "w" or not self.val_csv.is_file()
-        tmp = self.val_csv.with_name(f".{self.val_csv.name}.tmp{os.getpid()}")
-        if mode == "a" and self.val_csv.is_file():
-            tmp.write_bytes(self.val_csv.read_bytes())
-        with open(tmp, "a" if mode == "a" and not new_file else "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=VAL_CSV_FIELDS, restval="")
-            if new_file:
-                w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k, "") for k in VAL_CSV_FIELDS})
-        os.replace(tmp, self.val_csv)
+    def _read_val_rows(self) -> list[dict[str, str]]:
+        if not self.val_csv.is_file():
+            return []
+        with open(self.val_csv, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))

@@ -7,14 +7,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from models import build_model
-from models.params import freeze_for_task, parameter_counts
+from models.loading import build_model_from_checkpoint
+from models.params import freeze_for_task
+from models.unet import U2Net3D, build_model
 from training.config import PRESET_MODEL_PATCH, PRESET_POOLS, TrainConfig
 from training.data import TaskData
-from utils.checkpoint import build_model_from_checkpoint
 from utils.task_settings import pools_for_patch
+
+Shape3 = tuple[int, int, int]
+
+
+def _shape3(values: Sequence[Any] | None) -> Shape3 | None:
+    if values is None:
+        return None
+    a, b, c = (int(v) for v in values)
+    return (a, b, c)
 
 
 @dataclass
@@ -30,10 +38,10 @@ class ModelSetup:
         new_task: index of the new domain when adapting, else None.
     """
 
-    model: nn.Module
+    model: U2Net3D
     task_names: list[str]
     task_plans: list[dict[str, Any]]
-    model_patch: tuple[int, int, int] | None
+    model_patch: Shape3 | None
     trained_tasks: list[int]
     new_task: int | None = None
 
@@ -56,6 +64,7 @@ def build_fresh_model(config: TrainConfig, tasks: Sequence[TaskData]) -> ModelSe
     independent: one task, its plans' pools (or ``config.pools``) and patch; shared/universal: one
     model for all tasks with ``config.pools`` (preset 5,5,5) and ``config.model_patch`` (preset 128³).
     """
+    model_patch: Shape3 | None = None
     if config.mode == "independent":
         if len(tasks) != 1:
             raise ValueError("an independent model has exactly one task")
@@ -67,11 +76,10 @@ def build_fresh_model(config: TrainConfig, tasks: Sequence[TaskData]) -> ModelSe
         else:
             pools = [int(v) for v in task.plans["pools_per_axis"]]
         check_patch_fits(task.patch_size, pools, f"{task.name} patch")
-        model_patch = None
     else:
         pools = [int(v) for v in (config.pools or PRESET_POOLS)]
-        model_patch = tuple(int(v) for v in (config.model_patch or PRESET_MODEL_PATCH))
-        check_patch_fits(model_patch, pools, "model patch")
+        model_patch = _shape3(config.model_patch or PRESET_MODEL_PATCH)
+        check_patch_fits(config.model_patch or PRESET_MODEL_PATCH, pools, "model patch")
     torch.manual_seed(config.torch_seed)
     model = build_model(
         config.mode,
@@ -85,7 +93,7 @@ def build_fresh_model(config: TrainConfig, tasks: Sequence[TaskData]) -> ModelSe
         model=model,
         task_names=[t.name for t in tasks],
         task_plans=[dict(t.plans) for t in tasks],
-        model_patch=model_patch,  # type: ignore[arg-type]
+        model_patch=model_patch,
         trained_tasks=list(range(len(tasks))),
     )
 
@@ -114,12 +122,11 @@ def adapt_to_new_task(
     torch.manual_seed(torch_seed)
     idx = model.add_task(new_task.num_modalities, new_task.num_classes, init_from=src)
     freeze_for_task(model, idx)
-    mp = ckpt.get("model_patch")
     return ModelSetup(
         model=model,
         task_names=[*names, new_task.name],
         task_plans=[dict(t["plans"]) for t in old_tasks] + [dict(new_task.plans)],
-        model_patch=tuple(int(v) for v in mp) if mp is not None else None,  # type: ignore[arg-type]
+        model_patch=_shape3(ckpt.get("model_patch")),
         trained_tasks=[idx],
         new_task=idx,
     )
@@ -134,48 +141,11 @@ def setup_from_checkpoint(ckpt: Mapping[str, Any]) -> ModelSetup:
     new_task = ts.get("new_task")
     if new_task is not None:
         freeze_for_task(model, int(new_task))
-    mp = ckpt.get("model_patch")
     return ModelSetup(
         model=model,
         task_names=[t["name"] for t in tasks],
         task_plans=[dict(t["plans"]) for t in tasks],
-        model_patch=tuple(int(v) for v in mp) if mp is not None else None,  # type: ignore[arg-type]
+        model_patch=_shape3(ckpt.get("model_patch")),
         trained_tasks=trained,
         new_task=None if new_task is None else int(new_task),
     )
-
-
-def parameter_report(model: nn.Module, task_names: Sequence[str], new_task: int | None = None) -> dict[str, Any]:
-    """Parameter counts: total, shared, per task, trainable and (adaptation) what the new domain cost."""
-    counts = parameter_counts(model)
-    per_task = list(counts["per_task"])  # type: ignore[arg-type]
-    report: dict[str, Any] = {
-        "train_mode": model.config.train_mode,  # type: ignore[union-attr]
-        "module": model.config.module,  # type: ignore[union-attr]
-        "total": counts["total"],
-        "shared": counts["shared"],
-        "per_task": {name: int(n) for name, n in zip(task_names, per_task, strict=True)},
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-    }
-    if new_task is not None:
-        cost = int(per_task[new_task])
-        old_total = int(counts["total"]) - cost  # type: ignore[operator]
-        report["new_task"] = task_names[new_task]
-        report["new_task_params"] = cost
-        report["new_task_fraction_of_old_model"] = cost / old_total if old_total else float("nan")
-    return report
-
-
-def format_parameter_report(report: Mapping[str, Any]) -> str:
-    lines = [
-        f"parameters ({report['train_mode']}{'/' + report['module'] if report.get('module') else ''}): "
-        f"total {report['total']:,}, shared {report['shared']:,}, trainable now {report['trainable']:,}"
-    ]
-    for name, n in report["per_task"].items():
-        lines.append(f"  task-specific {name}: {n:,}")
-    if "new_task" in report:
-        lines.append(
-            f"  new domain {report['new_task']} cost {report['new_task_params']:,} parameters "
-            f"({100 * report['new_task_fraction_of_old_model']:.2f}% of the trained model)"
-        )
-    return "\n".join(lines)

@@ -15,14 +15,14 @@ written atomically; the numbered and best files are hard links to (or copies of)
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from utils.checkpoint import load_checkpoint, restore_rng_state, rng_state_to_plain, save_checkpoint
+from utils.checkpoint import load_checkpoint, rng_state_to_plain, save_checkpoint
+from utils.io_utils import atomic_link_or_copy
 
 LATEST = "latest.pt"
 BEST = "best.pt"
@@ -63,18 +63,6 @@ class TrainState:
         return cls(**data)
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Make ``dst`` a hard link to ``src`` (a copy where links are impossible), atomically."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 def save_training_checkpoint(
     ckpt_dir: Path,
     *,
@@ -112,9 +100,9 @@ def save_training_checkpoint(
         train_state=train_state,
     )
     if numbered:
-        link_or_copy(latest, ckpt_dir / numbered_name(state.epoch))
+        atomic_link_or_copy(latest, ckpt_dir / numbered_name(state.epoch))
     if best:
-        link_or_copy(latest, ckpt_dir / BEST)
+        atomic_link_or_copy(latest, ckpt_dir / BEST)
     return latest
 
 
@@ -142,7 +130,3 @@ def load_training_checkpoint(path: str | os.PathLike[str], resume_epoch: int = 0
     if resume_epoch > 0 and epoch != resume_epoch:
         raise ValueError(f"--resume_epoch {resume_epoch} given but {path} was written after epoch {epoch}")
     return ckpt
-
-
-def restore_rng(ckpt: dict[str, Any]) -> None:
-    restore_rng_state(ckpt["train_state"]["rng"])

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.runtime import autocast
+
 
 def task_for_step(step: int, tasks: Sequence[int]) -> int:
     """Round robin: global step ``k`` (1-based) trains ``tasks[(k - 1) mod len(tasks)]``."""
@@ -32,28 +34,13 @@ class StepOptions:
     channels_last: bool = False
 
     def autocast(self) -> contextlib.AbstractContextManager[object]:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True).float()
         if self.channels_last and x.dim() == 5:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return x
-
-
-def amp_dtype_of(amp: str, device: torch.device) -> torch.dtype | None:
-    """``"off"`` -> None; ``"bf16"`` / ``"fp16"`` -> the dtype (fp16 is CUDA-only)."""
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ValueError("--amp fp16 needs a CUDA device (use bf16 on CPU)")
-        return torch.float16
-    raise ValueError(f"unknown amp mode {amp!r}")
 
 
 @dataclass

@@ -1,0 +1,11 @@
+"""The data layer: reading MSD tasks, per-task settings, preprocessing, folds, metrics, file writing.
+
+What lives here: Decathlon reading (:mod:`utils.decathlon`), the per-task settings table and its
+derivation (:mod:`utils.task_settings`), per-case preprocessing (:mod:`utils.preprocessing`) and the
+parallel, resumable runner over whole tasks (:mod:`utils.prep_runner`), cross-validation folds
+(:mod:`utils.folds`), Dice/HD95 (:mod:`utils.metrics`), the checkpoint file format
+(:mod:`utils.checkpoint`) and the one atomic file writer (:mod:`utils.io_utils`).
+
+Imports: third-party libraries only; nothing from ``models``, ``training``, ``inference`` or ``demo``
+(they build on this package, never the other way round).
+"""

@@ -23,21 +23,20 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+
+from utils.io_utils import atomic_write
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
     "MODEL_CONFIG_KEYS",
-    "build_model_from_checkpoint",
     "load_checkpoint",
     "make_checkpoint",
     "restore_rng_state",
@@ -120,22 +119,10 @@ def save_checkpoint(
     model_patch: Sequence[int] | None = None,
     train_state: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build a checkpoint (see :func:`make_checkpoint`) and write it atomically: ``torch.save`` to a
-    temporary file in the same folder, then ``os.replace``. Returns the saved dict."""
+    """Build a checkpoint (see :func:`make_checkpoint`) and write it atomically
+    (:func:`utils.io_utils.atomic_write`). Returns the saved dict."""
     ckpt = make_checkpoint(model_config, tasks, state_dict, model_patch=model_patch, train_state=train_state)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: torch.save(ckpt, f))
     return ckpt
 
 
@@ -188,26 +175,6 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise CheckpointError(f"checkpoint {path!r}: 'state_dict' is not a dict")
     ckpt.setdefault("train_state", None)
     return ckpt
-
-
-def build_model_from_checkpoint(
-    ckpt: Mapping[str, Any], *, strict: bool = True
-) -> tuple[nn.Module, list[dict]]:
-    """Instantiate ``models.build_model(**model_config)``, load the weights, set eval mode.
-
-    Returns:
-        (model on CPU in eval mode, the checkpoint's task list ``[{"name", "plans"}]``).
-    """
-    from models import build_model  # lazy: models/ is not needed to read a checkpoint
-
-    cfg = dict(ckpt["model_config"])
-    kwargs = {k: v for k, v in cfg.items() if k not in ("train_mode", "in_channels", "num_classes")}
-    if "pools_per_axis" in kwargs and kwargs["pools_per_axis"] is not None:
-        kwargs["pools_per_axis"] = tuple(kwargs["pools_per_axis"])
-    model = build_model(cfg["train_mode"], list(cfg["in_channels"]), list(cfg["num_classes"]), **kwargs)
-    model.load_state_dict(ckpt["state_dict"], strict=strict)
-    model.eval()
-    return model, [dict(t) for t in ckpt["tasks"]]
 
 
 def task_index(ckpt: Mapping[str, Any], name: str) -> int:

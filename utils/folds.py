@@ -16,10 +16,25 @@ from typing import Any
 
 from utils.io_utils import atomic_write_json, read_json
 
-__all__ = ["DEFAULT_SEED", "N_FOLDS", "load_folds", "make_folds", "update_fold_file"]
+__all__ = [
+    "DEFAULT_SEED",
+    "FOLDS_FILE_NAME",
+    "N_FOLDS",
+    "default_folds_file",
+    "fold_case_ids",
+    "make_folds",
+    "update_fold_file",
+]
 
 N_FOLDS = 5
 DEFAULT_SEED = 1993
+#: name of the fold splits written by preprocessing next to the preprocessed data
+FOLDS_FILE_NAME = "fold_splits.json"
+
+
+def default_folds_file(prep_dir: str | os.PathLike[str]) -> Path:
+    """Where preprocessing writes, and training reads, the fold splits: ``<prep_dir>/fold_splits.json``."""
+    return Path(prep_dir) / FOLDS_FILE_NAME
 
 
 def make_folds(case_ids: Sequence[str], n_folds: int = N_FOLDS, seed: int = DEFAULT_SEED) -> list[dict[str, list[str]]]:
@@ -66,13 +81,23 @@ def update_fold_file(
     return added
 
 
-def load_folds(path: str | os.PathLike[str], task: str) -> list[dict[str, list[str]]]:
-    """The folds of ``task`` from a ``fold_splits.json``.
+def fold_case_ids(
+    fold_splits: str | os.PathLike[str] | Mapping[str, Any],
+    task: str,
+    fold: int = 0,
+    part: str = "train",
+) -> list[str]:
+    """Case ids of ``part`` (``"train"`` / ``"val"``) of ``fold`` for ``task`` from ``fold_splits.json``.
 
-    Raises:
-        KeyError: the file has no entry for ``task``.
+    ``fold_splits`` is the file path or its parsed content ``{"<Task>": [{"train": [...], "val": [...]},
+    ...]}``. Ids are used as given; an id ending in ``.nii.gz`` is stripped to the case id.
     """
-    data = read_json(path)
-    if task not in data:
-        raise KeyError(f"{path} has no folds for {task}; run preprocess_taskSep.py for it first")
-    return data[task]
+    if not isinstance(fold_splits, Mapping):
+        fold_splits = read_json(fold_splits)
+    if task not in fold_splits:
+        raise KeyError(f"task {task!r} not in fold splits (have {sorted(fold_splits)})")
+    folds = fold_splits[task]
+    if not 0 <= fold < len(folds):
+        raise IndexError(f"fold {fold} out of range: {task} has {len(folds)} folds")
+    ids = folds[fold][part]
+    return [Path(i).name[: -len(".nii.gz")] if str(i).endswith(".nii.gz") else str(i) for i in ids]

@@ -20,14 +20,16 @@ interpolation of percentiles). Identical masks give 0.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
+
+from utils.io_utils import atomic_write_csv
 
 __all__ = [
     "dice",
@@ -146,7 +148,7 @@ def write_metrics_csv(
     mean_label: str = "mean",
 ) -> dict[str, float]:
     """Write per-case rows (each with a ``case`` key and metric keys) and a last row of the
-    per-class means (``case`` = ``mean_label``) to CSV, atomically (temp file, then ``os.replace``).
+    per-class means (``case`` = ``mean_label``) to CSV, atomically.
 
     Returns:
         the per-class means.
@@ -168,20 +170,7 @@ def write_metrics_csv(
         return (int(cls) if cls.isdigit() else 10**6, name)
 
     fields = ["case", *other_keys, *sorted(metric_keys, key=_order)]
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, restval="")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: row.get(k, "") for k in fields})
-            writer.writerow({"case": mean_label, **means})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_csv(path, fields, [*rows, {"case": mean_label, **means}])
     return means
 
 
@@ -207,8 +196,6 @@ def evaluate_folder(
     Returns:
         (one row per case: ``case`` + metric keys, per-class means). Spacing is the reference's.
     """
-    import SimpleITK as sitk
-
     def _names(folder: str | os.PathLike[str]) -> list[str]:
         return sorted(
             n for n in os.listdir(folder) if n.endswith((".nii.gz", ".nii")) and not n.startswith(".")

@@ -6,7 +6,7 @@ For one case:
    bounding box of the non-zero voxels of modality 0, widened by 5 voxels;
 2. resample to the task's target spacing: images with B-spline interpolation, labels with
    nearest neighbour (SimpleITK). Input and output grids cover the same physical extent (voxel
-   centres aligned as in ``align_corners=False``), which is what ``utils.geometry`` undoes;
+   centres aligned as in ``align_corners=False``), which is what ``inference.geometry`` undoes;
 3. CT: clip below -1024; weight map = (modality 0 > 0) after resampling (with the plans'
    ``normalisation.zero_mask == "nearest"``, the zero background of the original image (zero
    voxels connected to its border), mapped with nearest neighbour, is set to 0 first, so B-spline ringing around a zero background
@@ -24,7 +24,7 @@ sidecar of ``docs/formats.md`` atomically, sidecar last.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,12 @@ from utils.io_utils import atomic_save_npy, atomic_write_json
 __all__ = [
     "CROP_MARGIN",
     "case_files",
+    "case_id_of",
     "case_is_done",
     "clip_ct",
     "crop_to_box",
     "label_class_voxels",
+    "list_cases",
     "new_shape_for_spacing",
     "nonzero_bbox",
     "normalise_modality",
@@ -405,3 +407,46 @@ def save_case(
     atomic_save_npy(files["weight"], weight.astype(np.uint8, copy=False))
     atomic_write_json(files["sidecar"], dict(sidecar))
     return files
+
+
+def case_id_of(case: str | os.PathLike[str]) -> str:
+    """Case id of a case prefix path ``.../train/<case>`` (the file name part)."""
+    return Path(case).name
+
+
+def list_cases(
+    task_prep_dir: str | os.PathLike[str],
+    split: str = "train",
+    case_ids: Iterable[str] | None = None,
+) -> list[str]:
+    """Finished preprocessed cases of one task as case prefix paths ``<task_prep_dir>/<split>/<case>``.
+
+    A case counts when its sidecar ``<case>.json`` (written last) and ``<case>_image.npy`` exist, and for
+    ``split == "train"`` also ``<case>_label.npy``. Sorted by case id.
+
+    Args:
+        task_prep_dir: ``prepData/<Task>``.
+        split: ``"train"`` or ``"test"``.
+        case_ids: if given, keep only these cases (e.g. a fold's ``"train"`` list, see
+            :func:`utils.folds.fold_case_ids`); raises ``ValueError`` when one of them is not preprocessed.
+    """
+    split_dir = Path(task_prep_dir) / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"no preprocessed split folder {split_dir}")
+    found: dict[str, str] = {}
+    for sidecar in split_dir.glob("*.json"):
+        cid = sidecar.name[: -len(".json")]
+        if cid.startswith("._"):
+            continue
+        if not (split_dir / f"{cid}_image.npy").is_file():
+            continue
+        if split == "train" and not (split_dir / f"{cid}_label.npy").is_file():
+            continue
+        found[cid] = str(split_dir / cid)
+    if case_ids is None:
+        return [found[k] for k in sorted(found)]
+    wanted = sorted(set(case_ids))
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise ValueError(f"{len(missing)} case(s) not preprocessed in {split_dir}: {missing[:10]}")
+    return [found[c] for c in wanted]

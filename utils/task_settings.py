@@ -93,7 +93,7 @@ class TaskPreset:
 
 _FUSE_2_INTO_1 = ((0, 0), (1, 1), (2, 1))
 
-#: The settings table. Paper rows: REFERENCE.md; demo rows (``utils.demo_data``) only fix the
+#: The settings table. Paper rows: REFERENCE.md; demo rows (``demo.data``) only fix the
 #: label fusion and post-processing, so their spacing/patch/pools go through the derivation.
 PRESETS: Mapping[str, TaskPreset] = MappingProxyType(
     {

@@ -12,14 +12,13 @@ the crop resampled to ``resampled_shape``. Undoing that for a label map means
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 
-if TYPE_CHECKING:  # SimpleITK is imported where it is used: utils.inference needs only NumPy here
-    import SimpleITK as sitk
+from utils.io_utils import atomic_write_nifti
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
@@ -112,34 +111,12 @@ def label_to_sitk(label: np.ndarray, sidecar: Mapping[str, Any]) -> sitk.Image:
     original_shape = tuple(int(s) for s in sidecar["original_shape"])
     if tuple(label.shape) != original_shape:
         raise ValueError(f"label shape {label.shape} differs from original_shape {original_shape}")
-    import SimpleITK as sitk
-
     spacing, origin, direction = _geometry_3d(sidecar)
     img = sitk.GetImageFromArray(np.ascontiguousarray(label, dtype=np.uint8))
     img.SetSpacing(spacing)
     img.SetOrigin(origin)
     img.SetDirection(direction)
     return img
-
-
-def write_nifti_atomic(image: sitk.Image, path: str | os.PathLike[str]) -> None:
-    """Write a SimpleITK image atomically: to a temporary ``*.nii.gz`` in the same folder, then
-    ``os.replace`` onto ``path``. A reader never sees a half-written file."""
-    import SimpleITK as sitk
-
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1] or ".nii.gz"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_label_nifti(
@@ -162,7 +139,7 @@ def write_label_nifti(
         the uint8 (z, y, x) label map in the original shape, as written.
     """
     full = restore_to_original(label, sidecar) if restore else np.asarray(label, dtype=np.uint8)
-    write_nifti_atomic(label_to_sitk(full, sidecar), path)
+    atomic_write_nifti(label_to_sitk(full, sidecar), path)
     return full
 
 

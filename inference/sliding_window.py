@@ -1,11 +1,12 @@
 """Sliding-window inference over a preprocessed case.
 
-A *predictor* is any callable ``f(x, task_idx) -> logits`` with ``x`` of shape
+A *network function* is any callable ``f(x, task_idx) -> logits`` with ``x`` of shape
 (N, M, pz, py, px) and logits of shape (N, C, pz, py, px), e.g. a model from
-``models.build_model`` (``model(x, task_idx)``). It must already live on ``device`` and be in
-eval mode; nothing here moves or changes it.
+``models.build_model`` (``model(x, task_idx)``). It must already live on the settings' device and be
+in eval mode; nothing here moves or changes it. All knobs come in one
+:class:`inference.settings.InferenceSettings`.
 
-What happens (REFERENCE.md, "Inference and evaluation"):
+What happens (``docs/paper_preset.md``, "Inference and evaluation"):
 
 * the (M, z, y, x) volume is zero-padded (symmetrically) to at least the patch size,
 * patches start every ``step_fraction * patch`` voxels per axis (half a patch by default), the
@@ -18,20 +19,19 @@ What happens (REFERENCE.md, "Inference and evaluation"):
   weight sum is common to all classes, so the label path never divides),
 * padding is cropped away again.
 
-Shared/universal models use one model patch for every task (REFERENCE.md, "Training"). Two ways
-to bridge the task patch and the model patch are offered:
+Shared/universal models use one model patch for every task. :func:`infer_case` bridges the task
+patch and the model patch in one of two ways:
 
 * ``unified_mode="volume"`` (the paper, default): the whole volume is scaled by
   model_patch / task_patch per axis (trilinear), segmented with the model patch, and the label map
   scaled back to the original shape with nearest neighbour (probabilities: trilinear).
 * ``unified_mode="patch"``: the sliding window runs with the task patch on the original volume and
-  each patch batch is resized to the model patch before the model and its logits resized back
-  (:class:`ResizingPredictor`).
+  each patch batch is resized to the model patch before the network and its logits resized back
+  (:class:`ResizingNetwork`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -40,23 +40,23 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from utils.geometry import resize_nearest
+from inference.geometry import resize_nearest
+from inference.settings import InferenceSettings, WeightMode
+from models.runtime import amp_dtype, autocast
 
-Predictor = Callable[[torch.Tensor, int], torch.Tensor]
-WeightMode = Literal["linear", "gaussian", "constant"]
-UnifiedMode = Literal["volume", "patch"]
+NetworkFn = Callable[[torch.Tensor, int], torch.Tensor]
+Output = Literal["labels", "probabilities"]
 
 __all__ = [
-    "Predictor",
-    "ResizingPredictor",
-    "patch_weight_map",
-    "patch_starts",
+    "NetworkFn",
+    "ResizingNetwork",
+    "infer_case",
     "pad_to_patch",
-    "predict_probabilities",
-    "segment_case",
-    "sliding_window_predict",
-    "sliding_window_segment",
+    "patch_starts",
+    "patch_weight_map",
+    "sliding_window",
 ]
 
 
@@ -156,19 +156,10 @@ def _to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[object]:
-    if not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     """All subsets of the spatial axes to mirror (the empty set first)."""
-    axes = sorted({int(a) for a in axes})
-    if any(a not in (0, 1, 2) for a in axes):
-        raise ValueError(f"mirror axes must be spatial axes 0, 1, 2 (z, y, x), got {axes}")
-    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+    unique = sorted({int(a) for a in axes})
+    return [c for r in range(len(unique) + 1) for c in itertools.combinations(unique, r)]
 
 
 def _batched(
@@ -179,20 +170,20 @@ def _batched(
 
 
 def _forward_probs(
-    predictor: Predictor,
+    network: NetworkFn,
     x: torch.Tensor,
     task_idx: int,
     flips: list[tuple[int, ...]],
     device: torch.device,
-    amp: bool,
+    dtype: torch.dtype | None,
 ) -> torch.Tensor:
     """Softmax probabilities (N, C, pz, py, px) float32 on ``device``, averaged over mirrors."""
     probs: torch.Tensor | None = None
     for axes in flips:
         dims = [a + 2 for a in axes]
         xi = torch.flip(x, dims) if dims else x
-        with _autocast(device, amp):
-            out = predictor(xi, task_idx)
+        with autocast(device, dtype):
+            out = network(xi, task_idx)
         if isinstance(out, (tuple, list)):
             out = out[0]
         p = torch.softmax(out.float(), dim=1)
@@ -206,50 +197,41 @@ def _forward_probs(
 
 
 def _accumulate(
-    predictor: Predictor,
+    network: NetworkFn,
     image: np.ndarray | torch.Tensor,
     task_idx: int,
     patch_size: Sequence[int],
-    *,
-    step_fraction: float,
-    batch_size: int,
-    weight_mode: WeightMode,
-    mirror_tta: bool,
-    mirror_axes: Sequence[int],
-    device: str | torch.device,
+    settings: InferenceSettings,
     num_classes: int | None,
-    accum_dtype: torch.dtype,
-    accum_device: str | torch.device,
-    amp: bool,
+    *,
     with_norm: bool,
-    progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[slice, slice, slice]]:
-    """Run the window loop. Returns the weighted probability sum (C, Z, Y, X) on
+    """Run the window loop. Returns the weighted probability sum (C, Z, Y, X) on the settings'
     ``accum_device``, the weight sum (Z, Y, X) float32 (or None) and the region of the unpadded
     volume inside the padded grid (Z, Y, X)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0.0 < step_fraction <= 1.0:
-        raise ValueError(f"step_fraction must be in (0, 1], got {step_fraction}")
     patch = tuple(int(p) for p in patch_size)
+    if len(patch) != 3:
+        raise ValueError(f"patch_size must be 3 ints (z, y, x), got {patch_size}")
+    batch_size, accum_dtype = settings.batch_size, settings.torch_accum_dtype
     img = _to_tensor(image)
     if img.ndim != 4:
         raise ValueError(f"image must be (M, z, y, x), got shape {tuple(img.shape)}")
     img, region = pad_to_patch(img, patch)
     spatial = tuple(img.shape[1:])
-    dev = torch.device(device)
-    acc_dev = torch.device(accum_device)
+    dev = torch.device(settings.device)
+    acc_dev = torch.device(settings.accum_device)
+    dtype = amp_dtype(settings.amp, dev)
 
-    steps = [max(1, int(math.floor(p * step_fraction))) for p in patch]
+    steps = [max(1, int(math.floor(p * settings.step_fraction))) for p in patch]
     starts = [patch_starts(s, p, st) for s, p, st in zip(spatial, patch, steps, strict=True)]
     windows = [
         (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
         for z, y, x in itertools.product(*starts)
     ]
-    w_np = patch_weight_map(patch, weight_mode)
+    w_np = patch_weight_map(patch, settings.weight_mode)
     w_dev = torch.from_numpy(w_np).to(dev)[None, None]  # (1, 1, pz, py, px)
     w_acc = torch.from_numpy(w_np).to(acc_dev)
-    flips = _flip_sets(mirror_axes) if mirror_tta else [()]
+    flips = _flip_sets(settings.mirror_axes) if settings.mirror_tta else [()]
 
     acc: torch.Tensor | None = None
     if num_classes is not None:
@@ -269,21 +251,17 @@ def _accumulate(
     pinned: list[torch.Tensor] = []
     pending: tuple[torch.Tensor, Sequence[tuple[slice, slice, slice]], torch.cuda.Event] | None = None
 
-    pbar = None
-    if progress:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=len(windows), desc="sliding window", unit="patch", leave=False)
+    pbar = tqdm(total=len(windows), desc="sliding window", unit="patch", leave=False) if settings.progress else None
     try:
         for k, batch in enumerate(_batched(windows, batch_size)):
             x = torch.stack([img[(slice(None), *w)] for w in batch])
             x = x.to(dev, non_blocking=True)
-            probs = _forward_probs(predictor, x, task_idx, flips, dev, amp)
+            probs = _forward_probs(network, x, task_idx, flips, dev, dtype)
             probs.mul_(w_dev)
             if acc is None:
                 acc = torch.zeros((probs.shape[1], *spatial), dtype=accum_dtype, device=acc_dev)
             elif probs.shape[1] != acc.shape[0]:
-                raise ValueError(f"predictor returned {probs.shape[1]} classes, expected {acc.shape[0]}")
+                raise ValueError(f"the network returned {probs.shape[1]} classes, expected {acc.shape[0]}")
             if pipelined:
                 if len(pinned) < 2:
                     pinned.append(
@@ -333,56 +311,41 @@ def _argmax_chunked(acc: torch.Tensor, region: tuple[slice, slice, slice], chunk
 
 
 # ----------------------------------------------------------------------------------------------
-# public API: one patch size (the model's)
+# public API
 # ----------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def sliding_window_predict(
-    predictor: Predictor,
+def sliding_window(
+    network: NetworkFn,
     image: np.ndarray | torch.Tensor,
     task_idx: int,
     patch_size: Sequence[int],
+    settings: InferenceSettings,
     *,
-    step_fraction: float = 0.5,
-    batch_size: int = 2,
-    weight_mode: WeightMode = "linear",
-    mirror_tta: bool = False,
-    mirror_axes: Sequence[int] = (0, 1, 2),
-    device: str | torch.device = "cpu",
     num_classes: int | None = None,
-    accum_dtype: torch.dtype = torch.float32,
-    accum_device: str | torch.device = "cpu",
-    amp: bool = False,
-    progress: bool = False,
+    output: Output = "labels",
 ) -> np.ndarray:
-    """Blended softmax probabilities of a whole case.
+    """Segment a whole case with windows of one size (the size ``network`` expects).
 
     Args:
-        predictor: ``f(x (N, M, pz, py, px), task_idx) -> logits (N, C, pz, py, px)``, on ``device``.
+        network: ``f(x (N, M, pz, py, px), task_idx) -> logits (N, C, pz, py, px)``, on the settings'
+            device.
         image: preprocessed case (M, z, y, x), float: NumPy array, memmap or tensor (on the CPU, or
-            already on ``device``, which saves the per-batch host-to-device copies).
-        task_idx: task index passed to the predictor.
-        patch_size: window (pz, py, px), the size the predictor expects.
-        step_fraction: window step as a fraction of the patch (0.5 = half a patch).
-        batch_size: windows per forward pass.
-        weight_mode: patch weight map, see :func:`patch_weight_map`.
-        mirror_tta: average the probabilities over all mirrorings of ``mirror_axes`` (2^k passes).
-        mirror_axes: spatial axes (0 = z, 1 = y, 2 = x) mirrored for TTA.
-        device: where the predictor runs; patches are moved there batch by batch.
+            already on the device, which saves the per-batch host-to-device copies).
+        task_idx: task index passed to the network.
+        patch_size: window (pz, py, px).
+        settings: step, weights, TTA, batch, device, AMP, accumulator.
         num_classes: C, to allocate the accumulator up front (otherwise taken from the first output).
-        accum_dtype: dtype of the accumulator (float32; float16 halves its memory).
-        accum_device: where the accumulator lives (CPU by default: bounded GPU memory).
-        amp: run the predictor under autocast (float16 on CUDA, bfloat16 on CPU).
-        progress: show a tqdm bar over the windows.
+        output: ``"labels"``: uint8 (z, y, x) argmax (only the (C, Z, Y, X) accumulator is needed: no
+            weight-sum volume, no division, argmax in slabs); ``"probabilities"``: float32
+            (C, z, y, x) that sum to 1 per voxel.
 
     Returns:
-        float32 probabilities (C, z, y, x) of the input's spatial shape; they sum to 1 per voxel.
+        the label map or probabilities at the input's spatial shape.
     """
-    acc, norm, region = _accumulate(
-        predictor, image, task_idx, patch_size,
-        step_fraction=step_fraction, batch_size=batch_size, weight_mode=weight_mode,
-        mirror_tta=mirror_tta, mirror_axes=mirror_axes, device=device, num_classes=num_classes,
-        accum_dtype=accum_dtype, accum_device=accum_device, amp=amp, with_norm=True, progress=progress,
-    )  # fmt: skip
+    want_probs = output == "probabilities"
+    acc, norm, region = _accumulate(network, image, task_idx, patch_size, settings, num_classes, with_norm=want_probs)
+    if not want_probs:
+        return _argmax_chunked(acc, region)
     assert norm is not None
     out = acc[(slice(None), *region)].float()
     out.div_(norm[region])
@@ -390,50 +353,63 @@ def sliding_window_predict(
 
 
 @torch.inference_mode()
-def sliding_window_segment(
-    predictor: Predictor,
+def infer_case(
+    network: NetworkFn,
     image: np.ndarray | torch.Tensor,
     task_idx: int,
-    patch_size: Sequence[int],
+    task_patch: Sequence[int],
+    settings: InferenceSettings,
     *,
-    step_fraction: float = 0.5,
-    batch_size: int = 2,
-    weight_mode: WeightMode = "linear",
-    mirror_tta: bool = False,
-    mirror_axes: Sequence[int] = (0, 1, 2),
-    device: str | torch.device = "cpu",
+    model_patch: Sequence[int] | None = None,
     num_classes: int | None = None,
-    accum_dtype: torch.dtype = torch.float32,
-    accum_device: str | torch.device = "cpu",
-    amp: bool = False,
-    progress: bool = False,
+    output: Output = "labels",
 ) -> np.ndarray:
-    """Label map (argmax of the blended probabilities) of a whole case; same arguments as
-    :func:`sliding_window_predict`. Needs only the (C, Z, Y, X) accumulator: no weight-sum
-    volume, no division, argmax in slabs.
+    """Segment a preprocessed case for any training mode (no post-processing).
+
+    Args:
+        image: (M, z, y, x) preprocessed case.
+        task_patch: the task's patch (pz, py, px) from its plans.
+        settings: see :class:`InferenceSettings`; ``unified_mode`` picks how a model patch that
+            differs from the task patch is bridged (module docstring).
+        model_patch: the model's patch (shared/universal: 128³ in the paper preset); None or equal
+            to ``task_patch`` for independent models.
+        num_classes, output: as in :func:`sliding_window`.
 
     Returns:
-        uint8 (z, y, x) label map of the input's spatial shape.
+        uint8 (z, y, x) labels or float32 (C, z, y, x) probabilities at the input's spatial shape.
     """
-    acc, _, region = _accumulate(
-        predictor, image, task_idx, patch_size,
-        step_fraction=step_fraction, batch_size=batch_size, weight_mode=weight_mode,
-        mirror_tta=mirror_tta, mirror_axes=mirror_axes, device=device, num_classes=num_classes,
-        accum_dtype=accum_dtype, accum_device=accum_device, amp=amp, with_norm=False, progress=progress,
-    )  # fmt: skip
-    return _argmax_chunked(acc, region)
+    if model_patch is None or _same(task_patch, model_patch):
+        return sliding_window(network, image, task_idx, task_patch, settings, num_classes=num_classes, output=output)
+    if settings.unified_mode == "patch":
+        wrapped = ResizingNetwork(network, task_patch, model_patch)
+        return sliding_window(wrapped, image, task_idx, task_patch, settings, num_classes=num_classes, output=output)
+    shape = tuple(int(s) for s in image.shape[1:])
+    scaled = _resize_image(image, _scaled_shape(shape, task_patch, model_patch))
+    result = sliding_window(network, scaled, task_idx, model_patch, settings, num_classes=num_classes, output=output)
+    del scaled
+    if output == "labels":
+        return resize_nearest(result, shape)
+    out = np.empty((result.shape[0], *shape), dtype=np.float32)
+    for c in range(result.shape[0]):
+        pc = torch.from_numpy(result[c])[None, None]
+        out[c] = F.interpolate(pc, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+    return out
+
+
+def _same(a: Sequence[int], b: Sequence[int]) -> bool:
+    return tuple(int(s) for s in a) == tuple(int(s) for s in b)
 
 
 # ----------------------------------------------------------------------------------------------
 # unified patch (shared / universal models)
 # ----------------------------------------------------------------------------------------------
-class ResizingPredictor:
-    """Wraps a predictor trained on ``model_patch`` so that it takes ``task_patch`` windows:
+class ResizingNetwork:
+    """Wraps a network trained on ``model_patch`` so that it takes ``task_patch`` windows:
     the input batch (N, M, *task_patch) is resized (trilinear) to model_patch, and the logits
     (N, C, *model_patch) resized (trilinear) back to task_patch. Used by ``unified_mode="patch"``."""
 
-    def __init__(self, predictor: Predictor, task_patch: Sequence[int], model_patch: Sequence[int]) -> None:
-        self.predictor = predictor
+    def __init__(self, network: NetworkFn, task_patch: Sequence[int], model_patch: Sequence[int]) -> None:
+        self.network = network
         self.task_patch = tuple(int(s) for s in task_patch)
         self.model_patch = tuple(int(s) for s in model_patch)
 
@@ -441,7 +417,7 @@ class ResizingPredictor:
         """x (N, M, *task_patch) -> logits (N, C, *task_patch)."""
         if tuple(x.shape[2:]) != self.model_patch:
             x = F.interpolate(x, size=self.model_patch, mode="trilinear", align_corners=False)
-        out = self.predictor(x, task_idx)
+        out = self.network(x, task_idx)
         if isinstance(out, (tuple, list)):
             out = out[0]
         if tuple(out.shape[2:]) != self.task_patch:
@@ -468,115 +444,3 @@ def _resize_image(image: np.ndarray | torch.Tensor, shape: Sequence[int]) -> tor
     return out
 
 
-def _needs_resize(task_patch: Sequence[int], model_patch: Sequence[int] | None) -> bool:
-    return model_patch is not None and tuple(int(s) for s in model_patch) != tuple(int(s) for s in task_patch)
-
-
-@torch.inference_mode()
-def predict_probabilities(
-    predictor: Predictor,
-    image: np.ndarray | torch.Tensor,
-    task_idx: int,
-    task_patch: Sequence[int],
-    *,
-    model_patch: Sequence[int] | None = None,
-    unified_mode: UnifiedMode = "volume",
-    step_fraction: float = 0.5,
-    batch_size: int = 2,
-    weight_mode: WeightMode = "linear",
-    mirror_tta: bool = False,
-    mirror_axes: Sequence[int] = (0, 1, 2),
-    device: str | torch.device = "cpu",
-    num_classes: int | None = None,
-    accum_dtype: torch.dtype = torch.float32,
-    accum_device: str | torch.device = "cpu",
-    amp: bool = False,
-    progress: bool = False,
-) -> np.ndarray:
-    """Probabilities (C, z, y, x) of a case for any training mode.
-
-    ``model_patch`` None or equal to ``task_patch``: plain :func:`sliding_window_predict` with the
-    task patch. Otherwise (shared/universal): ``unified_mode="volume"`` scales the volume by
-    model_patch / task_patch, runs the window with model_patch and scales the probabilities back
-    (trilinear, class by class); ``"patch"`` uses :class:`ResizingPredictor`. Other arguments as in
-    :func:`sliding_window_predict`.
-
-    Returns:
-        float32 (C, z, y, x) of the input's spatial shape.
-    """
-    kw = dict(
-        step_fraction=step_fraction, batch_size=batch_size, weight_mode=weight_mode,
-        mirror_tta=mirror_tta, mirror_axes=mirror_axes, device=device, num_classes=num_classes,
-        accum_dtype=accum_dtype, accum_device=accum_device, amp=amp, progress=progress,
-    )  # fmt: skip
-    if not _needs_resize(task_patch, model_patch):
-        return sliding_window_predict(predictor, image, task_idx, task_patch, **kw)  # type: ignore[arg-type]
-    assert model_patch is not None
-    if unified_mode == "patch":
-        wrapped = ResizingPredictor(predictor, task_patch, model_patch)
-        return sliding_window_predict(wrapped, image, task_idx, task_patch, **kw)  # type: ignore[arg-type]
-    if unified_mode != "volume":
-        raise ValueError(f"unknown unified_mode {unified_mode!r}; expected 'volume' or 'patch'")
-    shape = tuple(int(s) for s in image.shape[1:])
-    scaled = _resize_image(image, _scaled_shape(shape, task_patch, model_patch))
-    probs = sliding_window_predict(predictor, scaled, task_idx, model_patch, **kw)  # type: ignore[arg-type]
-    del scaled
-    out = np.empty((probs.shape[0], *shape), dtype=np.float32)
-    for c in range(probs.shape[0]):
-        pc = torch.from_numpy(probs[c])[None, None]
-        out[c] = F.interpolate(pc, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
-    return out
-
-
-@torch.inference_mode()
-def segment_case(
-    predictor: Predictor,
-    image: np.ndarray | torch.Tensor,
-    task_idx: int,
-    task_patch: Sequence[int],
-    *,
-    model_patch: Sequence[int] | None = None,
-    unified_mode: UnifiedMode = "volume",
-    step_fraction: float = 0.5,
-    batch_size: int = 2,
-    weight_mode: WeightMode = "linear",
-    mirror_tta: bool = False,
-    mirror_axes: Sequence[int] = (0, 1, 2),
-    device: str | torch.device = "cpu",
-    num_classes: int | None = None,
-    accum_dtype: torch.dtype = torch.float32,
-    accum_device: str | torch.device = "cpu",
-    amp: bool = False,
-    progress: bool = False,
-) -> np.ndarray:
-    """Label map of a preprocessed case (no post-processing) for any training mode.
-
-    Args:
-        image: (M, z, y, x) preprocessed case.
-        task_patch: the task's patch (pz, py, px) from its plans.
-        model_patch: the model's patch (shared/universal: 128³ in the paper preset); None or equal
-            to task_patch for independent models.
-        unified_mode: ``"volume"`` (paper: scale the volume by model_patch / task_patch, segment,
-            scale the label map back with nearest neighbour) or ``"patch"`` (resize each window).
-        others: as in :func:`sliding_window_predict`.
-
-    Returns:
-        uint8 (z, y, x) label map of the input's spatial shape.
-    """
-    kw = dict(
-        step_fraction=step_fraction, batch_size=batch_size, weight_mode=weight_mode,
-        mirror_tta=mirror_tta, mirror_axes=mirror_axes, device=device, num_classes=num_classes,
-        accum_dtype=accum_dtype, accum_device=accum_device, amp=amp, progress=progress,
-    )  # fmt: skip
-    if not _needs_resize(task_patch, model_patch):
-        return sliding_window_segment(predictor, image, task_idx, task_patch, **kw)  # type: ignore[arg-type]
-    assert model_patch is not None
-    if unified_mode == "patch":
-        wrapped = ResizingPredictor(predictor, task_patch, model_patch)
-        return sliding_window_segment(wrapped, image, task_idx, task_patch, **kw)  # type: ignore[arg-type]
-    if unified_mode != "volume":
-        raise ValueError(f"unknown unified_mode {unified_mode!r}; expected 'volume' or 'patch'")
-    shape = tuple(int(s) for s in image.shape[1:])
-    scaled = _resize_image(image, _scaled_shape(shape, task_patch, model_patch))
-    label = sliding_window_segment(predictor, scaled, task_idx, model_patch, **kw)  # type: ignore[arg-type]
-    return resize_nearest(label, shape)

@@ -1,6 +1,6 @@
 """Summary of the laptop demo: Dice per (mode, task, class) of the test predictions, and parameters.
 
-    python -m training.demo_summary --dataset_dir dataset_demo --results_dir results/demo \\
+    python -m demo.summary --dataset_dir dataset_demo --results_dir results/demo \\
         --run independent=results/demo/res_u2net3d_independent_demo \\
         --run shared=results/demo/res_u2net3d_shared_demo/Task91_..._Task93_... ...
 
@@ -24,14 +24,15 @@ them specific to the task (for universal_adapted: what the new domain cost).
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from models.loading import build_model_from_checkpoint
 from models.params import parameter_counts
-from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
+from utils.checkpoint import load_checkpoint
+from utils.io_utils import atomic_write_csv
 from utils.metrics import evaluate_folder
 
 FIELDS = ("mode", "task", "class", "class_name", "dice", "hd95_mm", "num_cases", "params", "task_params")
@@ -70,8 +71,8 @@ def evaluate_mode(
                 rows.append({
                     "mode": mode, "task": name, "class": c, "class_name": names.get(str(c), f"class{c}"),
                     "dice": float(means[f"dice_{c}"]), "hd95_mm": float(means[f"hd95_{c}"]),
-                    "num_cases": len(case_rows), "params": int(counts["total"]),
-                    "task_params": int(counts["per_task"][t]),  # type: ignore[index]
+                    "num_cases": len(case_rows), "params": counts.total,
+                    "task_params": counts.per_task[t],
                 })  # fmt: skip
     return rows
 
@@ -88,7 +89,7 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.demo_summary", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m demo.summary", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset_dir", required=True, help="demo data (Task folders with labelsTs)")
     ap.add_argument("--results_dir", required=True, help="demo results folder (predictions/<mode>/<task>/ inside)")
     ap.add_argument("--run", action="append", required=True, metavar="MODE=FOLDER",
@@ -105,12 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--run needs MODE=FOLDER, got {item!r}")
         rows += evaluate_mode(mode, Path(folder), Path(args.dataset_dir), results, args.tasks)
     out = results / "summary.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "dice": f"{r['dice']:.4f}", "hd95_mm": f"{r['hd95_mm']:.2f}"})
+    atomic_write_csv(out, FIELDS, [{**r, "dice": f"{r['dice']:.4f}", "hd95_mm": f"{r['hd95_mm']:.2f}"} for r in rows])
     print(format_table(rows))
     low = [r for r in rows if r["dice"] < args.min_dice]
     print(f"\nwrote {out}; Dice on the test cases (labelsTs); "

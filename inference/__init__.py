@@ -1,0 +1,10 @@
+"""Segmenting images with a trained model: sliding window, post-processing, original geometry.
+
+:mod:`inference.settings` holds the one settings object of this stage; :mod:`inference.sliding_window`
+blends window predictions over a preprocessed case; :mod:`inference.postprocess` cleans the label map;
+:mod:`inference.geometry` puts it back into the original image grid and writes NIfTI;
+:mod:`inference.predictor` ties them together (:class:`inference.predictor.Segmenter`), for
+``predict.py`` and for training's validation alike.
+
+Imports: ``utils`` and ``models`` (and third-party libraries); never ``training`` or ``demo``.
+"""

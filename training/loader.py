@@ -1,0 +1,139 @@
+"""The training batch loader of one task: sampling + augmentation, in worker processes or in-process.
+
+:class:`TrainLoader` is an infinite iterator of batches
+``{"data": float32 tensor (B, M, *P), "seg": float32 tensor (B, 1, *P), "kinds": list[str],
+"case_ids": list[str]}`` with ``P`` the model patch (shared/universal; patches are resized to it) or
+the task patch. Each batch is cut by a :class:`training.sampling.PatchSampler` and augmented by the
+batchgenerators transforms of :func:`training.augmentation.make_transforms`.
+
+With ``num_workers > 0`` the work runs in that many worker processes of a
+``torch.utils.data.DataLoader`` (an iterable stream per worker, batches taken from the workers in
+turn, ``prefetch`` batches queued per worker, optional pinned memory). Worker ``i`` seeds its
+sampler from ``(seed, i)``, so the stream of batches depends only on ``seed`` and ``num_workers``;
+``num_workers=0`` (in-process) gives the same stream as ``num_workers=1``.
+
+Call :meth:`TrainLoader.close` (or use it as a context manager) to stop the worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from training.augmentation import AugmentParams, SeededCompose, extraction_size, make_transforms, safe_jitter
+from training.sampling import CaseInfo, PatchSampler
+
+__all__ = ["TrainLoader"]
+
+Batch = dict[str, Any]
+
+
+class _BatchStream(IterableDataset[Batch]):
+    """Endless augmented batches of one sampler; in a DataLoader worker, seeded by the worker id."""
+
+    def __init__(self, sampler_kwargs: Mapping[str, Any], transforms: SeededCompose) -> None:
+        super().__init__()
+        self.sampler_kwargs = dict(sampler_kwargs)
+        self.transforms = transforms
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        sampler = PatchSampler(**self.sampler_kwargs, worker_id=info.id if info is not None else 0)
+        while True:
+            batch = self.transforms(**sampler.next_batch())
+            batch["data"] = torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32))
+            batch["seg"] = torch.from_numpy(np.ascontiguousarray(batch["seg"], dtype=np.float32))
+            yield batch
+
+
+class TrainLoader:
+    """Infinite iterator of augmented training batches of one task.
+
+    Args:
+        cases: case prefix paths ``prepData/<Task>/train/<case>`` (:func:`utils.preprocessing.list_cases`).
+        plans: the task's plans (uses ``patch_size`` and ``small_label``).
+        batch_size: B.
+        model_patch: model patch ``(z, y, x)`` of shared/universal training; patches are resized to
+            it. None: batches have the task patch size.
+        num_workers: worker processes (0: everything in this process, for debugging).
+        seed: base seed of the samplers (worker ``i`` uses ``(seed, i)``).
+        augment: True (the preset's :class:`AugmentParams`), False (none) or custom parameters.
+        case_info: the per-case label scans (:func:`training.sampling.compute_case_info`, by index
+            into ``cases``), computed once per run and handed to every epoch's loader and worker.
+        context: when augmenting, cut a larger region so rotated/scaled patches show real image
+            content (:func:`training.augmentation.extraction_size`); False: the task patch only.
+        draws_per_case: samples per loaded case (2 in the preset).
+        prefetch: batches queued per worker.
+        pin_memory: page-lock the batches (faster host-to-GPU copies).
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[str | os.PathLike[str]],
+        plans: Mapping[str, Any],
+        batch_size: int,
+        *,
+        model_patch: Sequence[int] | None = None,
+        num_workers: int = 0,
+        seed: int = 1993,
+        augment: bool | AugmentParams = True,
+        case_info: Mapping[int, CaseInfo] | None = None,
+        context: bool = True,
+        draws_per_case: int = 2,
+        prefetch: int = 2,
+        pin_memory: bool = False,
+    ) -> None:
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        patch = tuple(int(v) for v in plans["patch_size"])
+        aug: AugmentParams | None
+        if isinstance(augment, AugmentParams):
+            aug = augment
+        else:
+            aug = AugmentParams() if augment else None
+        small = plans.get("small_label")
+        sampler_kwargs = dict(
+            cases=[str(c) for c in cases],
+            patch_size=patch,
+            batch_size=batch_size,
+            small_label=int(small) if small is not None else None,
+            extraction=extraction_size(patch, aug if context else None),
+            jitter=safe_jitter(patch, aug),
+            draws_per_case=draws_per_case,
+            seed=seed,
+            case_info=case_info,
+        )
+        stream = _BatchStream(sampler_kwargs, make_transforms(patch, aug=aug, model_patch=model_patch))
+        self.num_workers = num_workers
+        self._iterator: Iterator[Batch] | None
+        if num_workers == 0:
+            self._iterator = iter(stream)
+        else:
+            loader = DataLoader(
+                stream, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch, pin_memory=pin_memory
+            )
+            self._iterator = iter(loader)
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._iterator is None:
+            raise RuntimeError("this TrainLoader is closed")
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent). Dropping the DataLoader's iterator, its only
+        reference, shuts its workers down and joins them."""
+        self._iterator = None
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

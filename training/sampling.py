@@ -1,0 +1,318 @@
+"""Training patch sampling for one task: which case, which centre, which kind of patch.
+
+Reads the preprocessed training cases of ONE task (``prepData/<Task>/train/<case>_image.npy``
+``(M, z, y, x)`` float32 and ``<case>_label.npy`` ``(z, y, x)`` uint8, see ``docs/formats.md``) with
+``np.load(mmap_mode="r")`` and cuts batches
+``{"data": float32 (B, M, *extraction), "seg": float32 (B, 1, *extraction), "kinds": list[str],
+"case_ids": list[str], "aug_seed": int}`` that :mod:`training.augmentation` then augments.
+
+Sampling (paper preset, ``docs/paper_preset.md``, "Patch sampling"):
+
+* Cases are visited in shuffled order (a new permutation each pass); each loaded case gives
+  ``draws_per_case = 2`` consecutive samples.
+* Patch kinds: ``"any"`` (random centre; the task patch lies inside the volume where it fits),
+  ``"fore"`` (centre within the foreground bounding box) and ``"small"`` (centre within the bounding
+  box of ``plans["small_label"]``).
+* Batch composition: the first ``min(B, ceil(B/3) + 1)`` samples must hold foreground: ``"small"``
+  with p 0.3 when the case has that label, else ``"fore"`` (a case without any foreground is skipped
+  for these samples). The others are ``"small"`` with p 0.3, ``"fore"`` with p 0.3, else ``"any"``
+  (one uniform number ``u`` per sample: ``u < 0.3`` small, ``u >= 0.7`` fore; as in the original, a
+  "small" draw in a case without the small label becomes "any", a "fore" draw in a case without
+  foreground becomes "any"). ``kinds`` reports the kind actually used.
+* "fore"/"small" centres: a voxel of the structure is picked (from a cached, evenly spaced subset of
+  its voxels), moved by a uniform integer jitter of at most ``jitter`` voxels per axis and clipped to
+  the structure's bounding box. So the centre always lies in the bounding box, and the picked voxel
+  stays inside the final patch even after the worst-case rotation / down-scaling / elastic shift
+  (:func:`training.augmentation.safe_jitter`), which makes "must hold foreground" hold after
+  augmentation as well.
+* Per case the foreground and small-structure bounding boxes and voxel subsets are computed ONCE from
+  the label array (:func:`compute_case_info`); pass them in (``case_info``) to avoid the scan.
+* Patches are cut with zero padding (image 0, label 0) where they leave the volume.
+
+Randomness: one ``np.random.RandomState`` per sampler, seeded from ``(seed, worker id)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from training.augmentation import safe_jitter
+from utils.preprocessing import case_id_of
+
+__all__ = [
+    "KINDS",
+    "CaseInfo",
+    "PatchSampler",
+    "compute_case_info",
+    "extract_patch",
+    "num_foreground_samples",
+]
+
+Shape3 = tuple[int, int, int]
+KINDS = ("any", "fore", "small")
+
+
+def _shape3(values: Sequence[Any]) -> Shape3:
+    a, b, c = (int(v) for v in values)
+    return (a, b, c)
+
+
+def num_foreground_samples(batch_size: int) -> int:
+    """Samples at the start of a batch that must hold foreground: ``min(B, ceil(B/3) + 1)``."""
+    return min(batch_size, math.ceil(batch_size / 3) + 1)
+
+
+def extract_patch(
+    array: np.ndarray,
+    start: Sequence[int],
+    size: Sequence[int],
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Cut ``array[..., start:start+size]`` over the last 3 axes with zero padding outside the array.
+
+    Args:
+        array: ``(..., z, y, x)`` (e.g. a memory map; only the overlapping region is read).
+        start: ``(3,)`` start voxel, may be negative or beyond the array.
+        size: ``(3,)`` region size.
+        out: optional zero-filled destination ``(..., *size)``; written in place.
+
+    Returns:
+        ``(..., *size)`` array (``out`` when given, else of ``array``'s dtype).
+    """
+    lead = array.shape[:-3]
+    if out is None:
+        out = np.zeros(lead + tuple(int(s) for s in size), dtype=array.dtype)
+    src, dst = [], []
+    for st, sz, dim in zip(start, size, array.shape[-3:], strict=True):
+        lo, hi = max(int(st), 0), min(int(st) + int(sz), dim)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - int(st), hi - int(st)))
+    out[(Ellipsis, *dst)] = array[(Ellipsis, *src)]
+    return out
+
+
+@dataclass(frozen=True)
+class CaseInfo:
+    """Per-case sampling information, computed once from the label array.
+
+    Attributes:
+        shape: ``(z, y, x)`` of the case.
+        fore_bbox: ``(3, 2)`` inclusive ``[min, max]`` voxel of the foreground (label > 0), or None.
+        small_bbox: same for the small structure (label == small_label), or None.
+        fore_points: ``(K, 3)`` int32 evenly spaced subset (raster order) of the foreground voxels.
+        small_points: ``(K', 3)`` int32 subset of the small-structure voxels.
+    """
+
+    shape: Shape3
+    fore_bbox: np.ndarray | None
+    small_bbox: np.ndarray | None
+    fore_points: np.ndarray
+    small_points: np.ndarray
+
+
+def _subset(coords: np.ndarray, max_points: int) -> np.ndarray:
+    if len(coords) > max_points:
+        coords = coords[np.linspace(0, len(coords) - 1, max_points).round().astype(np.int64)]
+    return np.ascontiguousarray(coords, dtype=np.int32)
+
+
+def _bbox(coords: np.ndarray) -> np.ndarray | None:
+    if len(coords) == 0:
+        return None
+    return np.stack([coords.min(axis=0), coords.max(axis=0)], axis=1).astype(np.int64)
+
+
+def compute_case_info(label: np.ndarray, small_label: int | None, max_points: int = 2048) -> CaseInfo:
+    """Scan a label volume ``(z, y, x)`` once: bounding boxes and voxel subsets (see :class:`CaseInfo`)."""
+    lab = np.asarray(label)
+    nz = np.nonzero(lab)
+    fore = np.stack(nz, axis=1) if len(nz[0]) else np.zeros((0, 3), np.int64)
+    if small_label is not None and small_label > 0 and len(fore):
+        small = fore[lab[nz] == small_label]
+    else:
+        small = np.zeros((0, 3), np.int64)
+    return CaseInfo(
+        shape=(int(lab.shape[0]), int(lab.shape[1]), int(lab.shape[2])),
+        fore_bbox=_bbox(fore),
+        small_bbox=_bbox(small),
+        fore_points=_subset(fore, max_points),
+        small_points=_subset(small, max_points),
+    )
+
+
+class PatchSampler:
+    """Infinite patch sampler over the training cases of one task.
+
+    :meth:`next_batch` returns ``{"data": float32 (B, M, *extraction), "seg": float32 (B, 1, *extraction),
+    "kinds": list[str], "case_ids": list[str], "aug_seed": int}`` (``aug_seed`` is consumed by
+    :class:`SeededCompose`). With ``extraction == patch_size`` (no augmentation) these are the patches.
+
+    Args:
+        cases: case prefix paths ``.../train/<case>`` (see :func:`list_cases`).
+        patch_size: task patch ``(z, y, x)``.
+        batch_size: B.
+        small_label: label of the smallest structure (``plans["small_label"]``); None/0: no "small".
+        extraction: region cut around each centre; default ``patch_size``.
+        jitter: max centre offset from a picked structure voxel; default ``patch // 2 - 1``.
+        draws_per_case: samples drawn from each loaded case (2 in the preset).
+        p_small, p_fore: kind probabilities (0.3, 0.3).
+        seed: base seed; with ``worker_id`` it seeds ``RandomState(SeedSequence([seed, worker_id]))``.
+        worker_id: index of the loader process this sampler runs in (0 in-process).
+        case_info: precomputed :class:`CaseInfo` per case index (e.g. shared by every epoch's
+            sampler); cases missing from it are scanned on first use.
+        max_points: size of the cached structure-voxel subsets per case.
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[str | os.PathLike[str]],
+        patch_size: Sequence[int],
+        batch_size: int,
+        *,
+        small_label: int | None = None,
+        extraction: Sequence[int] | None = None,
+        jitter: Sequence[int] | None = None,
+        draws_per_case: int = 2,
+        p_small: float = 0.3,
+        p_fore: float = 0.3,
+        seed: int = 1993,
+        worker_id: int = 0,
+        case_info: Mapping[int, CaseInfo] | None = None,
+        max_points: int = 2048,
+    ) -> None:
+        cases = [str(c) for c in cases]
+        if not cases:
+            raise ValueError("no training cases given")
+        if batch_size < 1 or draws_per_case < 1:
+            raise ValueError("batch_size and draws_per_case must be >= 1")
+        self.cases = cases
+        self.batch_size = int(batch_size)
+        self.patch_size = _shape3(patch_size)
+        self.extraction = _shape3(extraction or patch_size)
+        if any(e < p or (e - p) % 2 for e, p in zip(self.extraction, self.patch_size, strict=True)):
+            raise ValueError(f"extraction {self.extraction} must be >= patch {self.patch_size} with even difference")
+        self.jitter = _shape3(jitter if jitter is not None else safe_jitter(self.patch_size, None))
+        self.small_label = small_label if small_label else None
+        self.draws_per_case = draws_per_case
+        self.p_small = p_small
+        self.p_fore = p_fore
+        self.seed = int(seed)
+        self.max_points = max_points
+        first = np.load(cases[0] + "_image.npy", mmap_mode="r")
+        if first.ndim != 4:
+            raise ValueError(f"{cases[0]}_image.npy must be (M, z, y, x), got shape {first.shape}")
+        self.num_modalities = int(first.shape[0])
+        self._info: dict[int, CaseInfo] = dict(case_info or {})
+        self._warned_no_fg = False
+        self.rs = np.random.RandomState(np.random.SeedSequence([self.seed, int(worker_id)]).generate_state(1)[0])
+        self._order: list[int] = []
+        self._current: int | None = None
+        self._draws_left = 0
+        self._image: np.ndarray | None = None
+        self._label: np.ndarray | None = None
+
+    # -- state -------------------------------------------------------------------------------
+    def case_info(self, index: int) -> CaseInfo:
+        """Cached :class:`CaseInfo` of case ``index`` (scans its label on first use)."""
+        info = self._info.get(index)
+        if info is None:
+            label = np.load(self.cases[index] + "_label.npy", mmap_mode="r")
+            info = compute_case_info(label, self.small_label, self.max_points)
+            self._info[index] = info
+        return info
+
+    def _advance_case(self) -> None:
+        if not self._order:
+            self._order = list(self.rs.permutation(len(self.cases)))
+        self._current = int(self._order.pop(0))
+        self._draws_left = self.draws_per_case
+        path = self.cases[self._current]
+        self._image = np.load(path + "_image.npy", mmap_mode="r")
+        self._label = np.load(path + "_label.npy", mmap_mode="r")
+        if self._image.shape[1:] != self._label.shape or self._image.shape[0] != self.num_modalities:
+            raise ValueError(f"{path}: image {self._image.shape} and label {self._label.shape} do not match")
+
+    def _next_draw(self, require_fg: bool) -> tuple[int, bool]:
+        """Move to the case of the next draw; returns ``(case index, has_foreground)``."""
+        for _ in range(len(self.cases) + 1):
+            if self._draws_left <= 0 or self._current is None:
+                self._advance_case()
+            assert self._current is not None
+            has_fg = self.case_info(self._current).fore_bbox is not None
+            if has_fg or not require_fg:
+                break
+            self._draws_left = 0  # skip a case without foreground for a must-hold-foreground sample
+        else:
+            if not self._warned_no_fg:
+                warnings.warn("no training case has foreground; using 'any' patches", stacklevel=2)
+                self._warned_no_fg = True
+        assert self._current is not None
+        self._draws_left -= 1
+        return self._current, self.case_info(self._current).fore_bbox is not None
+
+    # -- sampling ------------------------------------------------------------------------------
+    def _choose_kind(self, u: float, require_fg: bool, info: CaseInfo) -> str:
+        has_small = info.small_bbox is not None
+        has_fore = info.fore_bbox is not None
+        if require_fg:
+            if u < self.p_small and has_small:
+                return "small"
+            return "fore" if has_fore else "any"
+        if u < self.p_small:
+            return "small" if has_small else "any"
+        if u >= 1.0 - self.p_fore:
+            return "fore" if has_fore else "any"
+        return "any"
+
+    def _centre(self, kind: str, info: CaseInfo) -> np.ndarray:
+        """Patch centre ``(3,)``; the task patch starts at ``centre - patch // 2``."""
+        shape = np.asarray(info.shape)
+        patch = np.asarray(self.patch_size)
+        if kind == "any":
+            free = shape - patch  # start range [0, free] (or [free, 0] if the volume is smaller)
+            lo, hi = np.minimum(free, 0), np.maximum(free, 0)
+            start = np.array([self.rs.randint(a, b + 1) for a, b in zip(lo, hi, strict=True)])
+            return start + patch // 2
+        points, bbox = (
+            (info.small_points, info.small_bbox) if kind == "small" else (info.fore_points, info.fore_bbox)
+        )
+        assert bbox is not None
+        anchor = points[self.rs.randint(len(points))].astype(np.int64)
+        jit = np.array([self.rs.randint(-j, j + 1) for j in self.jitter])
+        return np.clip(anchor + jit, bbox[:, 0], bbox[:, 1])
+
+    def next_batch(self) -> dict[str, Any]:
+        b_size, ext = self.batch_size, self.extraction
+        data = np.zeros((b_size, self.num_modalities, *ext), dtype=np.float32)
+        seg = np.zeros((b_size, 1, *ext), dtype=np.float32)
+        kinds: list[str] = []
+        case_ids: list[str] = []
+        n_fg = num_foreground_samples(b_size)
+        half_ext = np.asarray(ext) // 2
+        for b in range(b_size):
+            u = float(self.rs.random_sample())
+            idx, _ = self._next_draw(require_fg=b < n_fg)
+            info = self.case_info(idx)
+            kind = self._choose_kind(u, b < n_fg, info)
+            start = self._centre(kind, info) - half_ext
+            assert self._image is not None and self._label is not None
+            extract_patch(self._image, start, ext, out=data[b])
+            extract_patch(self._label, start, ext, out=seg[b, 0])
+            kinds.append(kind)
+            case_ids.append(case_id_of(self.cases[idx]))
+        return {
+            "data": data,
+            "seg": seg,
+            "kinds": kinds,
+            "case_ids": case_ids,
+            "aug_seed": int(self.rs.randint(0, 2**31 - 1)),
+        }
