@@ -1,4 +1,4 @@
-"""Explore MSD tasks: image headers and label sizes (REFERENCE.md, end of "Preprocessing").
+"""Explore MSD tasks: image headers and label sizes (docs/paper_preset.md, "Data exploration").
 
     python data_explore.py --dataset_dir dataset/ --out_dir results/data_explore/
 
@@ -90,7 +90,9 @@ def task_stats(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for q in STAT_QUANTITIES:
             vals = np.asarray([float(r[q]) for r in good if r[q] != ""], dtype=np.float64)
             if vals.size == 0:
-                out.append({"task": task, "quantity": q, "n": 0, "min": "", "max": "", "mean": "", "median": ""})
+                out.append(
+                    {"task": task, "quantity": q, "n": 0, "min": "", "max": "", "mean": "", "median": ""}
+                )
                 continue
             out.append(
                 {
@@ -166,7 +168,10 @@ def explore_dataset(
     for td in task_dirs:
         t = load_task(td)
         jobs.extend((t.name, c, dict(t.labels)) for c in t.training)
-    rows = [explore_case(*j) for j in tqdm(jobs, desc="reading headers and labels", unit="case", disable=not progress)]
+    rows = [
+        explore_case(*j)
+        for j in tqdm(jobs, desc="reading headers and labels", unit="case", disable=not progress)
+    ]
     return rows, task_stats(rows)
 
 
@@ -175,11 +180,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="Per-case header/label facts and per-task statistics of MSD tasks (CSV + summary table)."
     )
-    ap.add_argument("--dataset_dir", default="dataset", help="folder holding the Task* folders (default: dataset)")
+    ap.add_argument(
+        "--dataset_dir", default="dataset", help="folder holding the Task* folders (default: dataset)"
+    )
     ap.add_argument(
         "--out_dir", default="results/data_explore", help="where the CSVs go (default: results/data_explore)"
     )
-    ap.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="only these task folders (default: all)")
+    ap.add_argument(
+        "--tasks", nargs="+", default=None, metavar="TASK", help="only these task folders (default: all)"
+    )
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:

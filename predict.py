@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "off in the paper preset)")  # fmt: skip
     p.add_argument("--no_postprocess", action="store_true",
                    help="skip post-processing (closing, largest component(s), removal outside the body)")  # fmt: skip
-    p.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size, help="sliding-window patches per forward pass")
+    p.add_argument(
+        "--batch_size", type=int, default=DEFAULTS.batch_size, help="sliding-window patches per forward pass"
+    )
     p.add_argument("--step_fraction", type=float, default=DEFAULTS.step_fraction,
                    help="window step as a fraction of the patch (0.5 = half a patch, the paper)")  # fmt: skip
     p.add_argument("--weight_mode", default=DEFAULTS.weight_mode, choices=["linear", "gaussian", "constant"],

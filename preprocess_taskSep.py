@@ -1,4 +1,4 @@
-"""Offline preprocessing of Medical Segmentation Decathlon tasks (REFERENCE.md, "Preprocessing").
+"""Offline preprocessing of Medical Segmentation Decathlon tasks (docs/paper_preset.md, "Preprocessing").
 
     python preprocess_taskSep.py --dataset_dir dataset/ --prep_dir prepData/ [--tasks ...] [--nProc N]
 
@@ -24,7 +24,9 @@ from utils.prep_runner import run_preprocessing
 def _label_map(text: str) -> dict[int, int]:
     """Parse ``'{"0":0,"1":1,"2":1}'`` or ``0:0,1:1,2:1``."""
     try:
-        data = json.loads(text) if text.strip().startswith("{") else dict(p.split(":") for p in text.split(","))
+        data = (
+            json.loads(text) if text.strip().startswith("{") else dict(p.split(":") for p in text.split(","))
+        )
         return {int(k): int(v) for k, v in data.items()}
     except (ValueError, AttributeError) as e:
         raise argparse.ArgumentTypeError(f"not a label map: {text!r} (use '0:0,1:1,2:1' or JSON)") from e
@@ -36,48 +38,71 @@ def build_parser() -> argparse.ArgumentParser:
         description="Crop, resample, normalise and save MSD tasks for training/inference (one plans.json "
         "per task, one set of .npy arrays + JSON sidecar per case), in parallel and resumable.",
     )
-    ap.add_argument("--dataset_dir", default="dataset", help="folder holding the Task* folders (default: dataset)")
+    ap.add_argument(
+        "--dataset_dir", default="dataset", help="folder holding the Task* folders (default: dataset)"
+    )
     ap.add_argument("--prep_dir", default="prepData", help="output folder (default: prepData)")
     ap.add_argument(
-        "--tasks", nargs="+", default=None, metavar="TASK",
+        "--tasks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
         help="task folder names to process (default: every Task* folder with a dataset.json)",
     )
     ap.add_argument(
-        "--nProc", type=int, default=min(4, os.cpu_count() or 1),
+        "--nProc",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
         help="worker processes; 1 runs in this process (default: min(4, CPU count))",
     )
     ap.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="redo cases that are already done and accept settings that differ from an existing plans.json",
     )
     ap.add_argument(
-        "--folds_file", default=None,
+        "--folds_file",
+        default=None,
         help="fold splits JSON to create/extend; existing task entries are kept "
         "(default: <prep_dir>/fold_splits.json, where training looks for it)",
     )
     ap.add_argument("--no_folds", action="store_true", help="do not touch any fold splits file")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar")
-    g = ap.add_argument_group("settings overrides (apply to every selected task; default: paper preset or derived)")
-    g.add_argument("--target_spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="target spacing in mm")
+    g = ap.add_argument_group(
+        "settings overrides (apply to every selected task; default: paper preset or derived)"
+    )
+    g.add_argument(
+        "--target_spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="target spacing in mm"
+    )
     g.add_argument("--patch_size", type=int, nargs=3, metavar=("Z", "Y", "X"), help="patch size in voxels")
     g.add_argument("--pools", type=int, nargs=3, metavar=("Z", "Y", "X"), help="stride-2 poolings per axis")
     g.add_argument("--batch_size", type=int, help="batch size of the independent model")
     g.add_argument(
-        "--label_map", type=_label_map,
+        "--label_map",
+        type=_label_map,
         help="raw label -> class, e.g. '0:0,1:1,2:1' to fuse label 2 into 1; unlisted values become 0",
     )
-    g.add_argument("--keep_components", type=int, choices=(1, 2), help="post-processing: keep the largest 1 or 2 components")
+    g.add_argument(
+        "--keep_components",
+        type=int,
+        choices=(1, 2),
+        help="post-processing: keep the largest 1 or 2 components",
+    )
     g.add_argument("--small_label", type=int, help='class whose bounding box "small" patches sample')
     g.add_argument(
-        "--zero_mask", choices=("none", "nearest"),
+        "--zero_mask",
+        choices=("none", "nearest"),
         help="'nearest': the zero background of the original image stays 0 after B-spline resampling "
         "(default for tasks outside the paper preset); 'none': as the paper (default for preset tasks)",
     )
     g.add_argument(
-        "--ignore_preset", action="store_true",
+        "--ignore_preset",
+        action="store_true",
         help="derive every setting from the data even for tasks in the settings table",
     )
-    g.add_argument("--max_voxels", type=int, default=None, help="voxel budget of a derived patch (default 128**3)")
+    g.add_argument(
+        "--max_voxels", type=int, default=None, help="voxel budget of a derived patch (default 128**3)"
+    )
     return ap
 
 

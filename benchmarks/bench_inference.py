@@ -126,7 +126,9 @@ def memory_child(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
-    settings = InferenceSettings(batch_size=2, device=str(dev), accum_dtype="float16" if accum == "float16" else "float32")
+    settings = InferenceSettings(
+        batch_size=2, device=str(dev), accum_dtype="float16" if accum == "float16" else "float32"
+    )
     label = sliding_window(predictor, image, 0, (patch,) * 3, settings, num_classes=2)
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

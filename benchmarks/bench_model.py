@@ -57,8 +57,16 @@ from models import build_model, count_parameters  # noqa: E402
 from models.runtime import keep_freed_memory_in_heap  # noqa: E402
 
 
-def run_one(name: str, patch: tuple[int, int, int], batch: int, steps: int, warmup: int, device: str,
-            base: int, amp: bool) -> dict:
+def run_one(
+    name: str,
+    patch: tuple[int, int, int],
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    base: int,
+    amp: bool,
+) -> dict:
     """Measure one configuration in this process; returns a JSON-able dict."""
     mode, module, channels_last, fused, heap = CONFIGS[name]
     if heap and device == "cpu":
@@ -107,8 +115,15 @@ def run_one(name: str, patch: tuple[int, int, int], batch: int, steps: int, warm
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {
-        "name": name, "device": device, "params": count_parameters(model), "fwd_gflop": fwd_flops / 1e9, "stats_gflop": stats_flops / 1e9,
-        "step_s": statistics.median(times), "times": times, "peak_mb": peak_mb, "amp": amp,
+        "name": name,
+        "device": device,
+        "params": count_parameters(model),
+        "fwd_gflop": fwd_flops / 1e9,
+        "stats_gflop": stats_flops / 1e9,
+        "step_s": statistics.median(times),
+        "times": times,
+        "peak_mb": peak_mb,
+        "amp": amp,
     }
 
 
@@ -121,8 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--base", type=int, default=16, help="base channels (16 = paper preset)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG",
-                   help="which configurations (default all): " + ", ".join(CONFIGS))
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(CONFIGS),
+        choices=list(CONFIGS),
+        metavar="CONFIG",
+        help="which configurations (default all): " + ", ".join(CONFIGS),
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -131,36 +152,64 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--patch takes one or three ints")
 
     if args._worker:
-        print(json.dumps(run_one(args._worker, patch, args.batch, args.steps, args.warmup, args.device, args.base,
-                                 args.amp)))
+        print(
+            json.dumps(
+                run_one(
+                    args._worker, patch, args.batch, args.steps, args.warmup, args.device, args.base, args.amp
+                )
+            )
+        )
         return 0
 
     threads = torch.get_num_threads()
-    print(f"patch {patch}, batch {args.batch}, base {args.base}, device {args.device}"
-          f"{' (amp bf16)' if args.amp else ''}, torch {torch.__version__}, {threads} CPU threads, "
-          f"{args.steps} timed steps (median)")
+    print(
+        f"patch {patch}, batch {args.batch}, base {args.base}, device {args.device}"
+        f"{' (amp bf16)' if args.amp else ''}, torch {torch.__version__}, {threads} CPU threads, "
+        f"{args.steps} timed steps (median)"
+    )
     results = []
     header = f"{'configuration':<30} {'params':>12} {'fwd GFLOP':>10} {'step s':>8} {'peak MiB':>9}"
     print(header)
     print("-" * len(header))
     for name in args.configs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--_worker", name, "--patch", *map(str, patch),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device, "--base", str(args.base)] + (["--amp"] if args.amp else [])
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--_worker",
+            name,
+            "--patch",
+            *map(str, patch),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--device",
+            args.device,
+            "--base",
+            str(args.base),
+        ] + (["--amp"] if args.amp else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            print(f"{name:<30} FAILED: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+            print(
+                f"{name:<30} FAILED: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}"
+            )
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(r)
-        print(f"{name:<30} {r['params']:>12,} {r['fwd_gflop']:>10.1f} {r['step_s']:>8.3f} {r['peak_mb']:>9.0f}")
+        print(
+            f"{name:<30} {r['params']:>12,} {r['fwd_gflop']:>10.1f} {r['step_s']:>8.3f} {r['peak_mb']:>9.0f}"
+        )
     by_name = {r["name"]: r for r in results}
 
     def ratio(a: str, b: str) -> None:
         if a in by_name and b in by_name:
             ra, rb = by_name[a], by_name[b]
-            print(f"step-time ratio {a} / {b}: {ra['step_s'] / rb['step_s']:.2f}"
-                  f"   (FLOP ratio {ra['fwd_gflop'] / rb['fwd_gflop']:.3f})")
+            print(
+                f"step-time ratio {a} / {b}: {ra['step_s'] / rb['step_s']:.2f}"
+                f"   (FLOP ratio {ra['fwd_gflop'] / rb['fwd_gflop']:.3f})"
+            )
 
     print()
     ratio("universal-separable/plain", "independent/plain")
@@ -169,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ratio("universal-separable/fast", "independent/fast")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"patch": patch, "batch": args.batch, "device": args.device, "results": results}, f, indent=1)
+            json.dump(
+                {"patch": patch, "batch": args.batch, "device": args.device, "results": results}, f, indent=1
+            )
     return 0
 
 

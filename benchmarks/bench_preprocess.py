@@ -88,13 +88,17 @@ def one_case(img: Path, lab: Path, target: tuple[float, float, float], out: Path
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed afterwards)")
+    ap.add_argument(
+        "--work", default=None, help="scratch folder (default: a temporary folder, removed afterwards)"
+    )
     ap.add_argument(
         "--sizes", nargs="+", default=["64x128x128", "100x256x256", "200x512x512"],
         help="CT-like volumes as ZxYxX (default: 64x128x128 100x256x256 200x512x512)",
     )  # fmt: skip
     ap.add_argument("--skip_demo", action="store_true", help="skip the demo-task throughput part")
-    ap.add_argument("--liver", action="store_true", help="also time the Liver preset target spacing (1, 0.77, 0.77)")
+    ap.add_argument(
+        "--liver", action="store_true", help="also time the Liver preset target spacing (1, 0.77, 0.77)"
+    )
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_prep_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -110,7 +114,9 @@ def main() -> int:
                 shutil.rmtree(prep, ignore_errors=True)
                 s = run_preprocessing(demo, prep, n_proc=n_proc, progress=False, log=lambda _m: None)
                 assert s.ok, s.failed
-                print(f"demo tasks, --nProc {n_proc}: {s.done} cases in {s.seconds:.1f} s = {s.done / s.seconds:.1f} cases/s")
+                print(
+                    f"demo tasks, --nProc {n_proc}: {s.done} cases in {s.seconds:.1f} s = {s.done / s.seconds:.1f} cases/s"
+                )
         print("\none CT-like case (image + label), --nProc 1:")
         header = f"{'shape zyx':>14} {'voxels':>8} {'target':>16} {'out voxels':>10} " + " ".join(
             f"{k:>10}" for k in ("verify", "read", "resample+", "save", "total [s]")
@@ -127,7 +133,8 @@ def main() -> int:
                 print(
                     f"{spec:>14} {np.prod(shape) / 1e6:>7.1f}M {str(target):>16} {t['out_voxels'] / 1e6:>9.1f}M "
                     + " ".join(
-                        f"{t[k]:>10.2f}" for k in ("verify", "read", "crop+resample+normalise", "save", "total")
+                        f"{t[k]:>10.2f}"
+                        for k in ("verify", "read", "crop+resample+normalise", "save", "total")
                     )
                 )
     finally:

@@ -156,11 +156,17 @@ def run_config(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes (patch 16³, base 4) for a CPU check of the script")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny sizes (patch 16³, base 4) for a CPU check of the script"
+    )
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (cudnn autotuning, worker start)")
+    ap.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps first (cudnn autotuning, worker start)"
+    )
     ap.add_argument("--workers", type=int, default=3, help="loader worker processes per task")
     ap.add_argument("--cases", type=int, default=2, help="synthetic training cases per task")
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16"],
@@ -195,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         tasks = make_tasks(Path(tmp), smoke=args.smoke, cases=args.cases)
         print(f"synthetic data: {time.perf_counter() - t0:.1f}s", flush=True)
         liver = [t for t in tasks if t.name == "Task03_Liver"]
-        liver[0].plans["patch_size"] = list(model_patch)  # the dense model at the same patch as the universal one
+        liver[0].plans["patch_size"] = list(
+            model_patch
+        )  # the dense model at the same patch as the universal one
         for cfg in args.configs:
             kind, prec = cfg.split("_")
             torch.manual_seed(1)

@@ -89,7 +89,9 @@ def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _smooth(rng: np.random.Generator, coords: Sequence[np.ndarray], n_terms: int = 6, freq: float = 2.5) -> np.ndarray:
+def _smooth(
+    rng: np.random.Generator, coords: Sequence[np.ndarray], n_terms: int = 6, freq: float = 2.5
+) -> np.ndarray:
     """A smooth random field in [-1, 1]: a normalised sum of random low-frequency cosines."""
     out = np.zeros(np.broadcast_shapes(*(c.shape for c in coords)), dtype=np.float32)
     for _ in range(n_terms):
@@ -189,7 +191,9 @@ def _make_liver(rng: np.random.Generator, size: int) -> DemoCase:
         label[tumour] = 2
     img += sigma * _noise(rng, shape)
     img[~body] = -1000.0 + 10.0 * rng.standard_normal(int((~body).sum())).astype(np.float32)
-    return DemoCase([img], label, spacing, _origin(rng, (-60.0, -60.0, -400.0)), tuple(np.eye(3).ravel()), np.int16)
+    return DemoCase(
+        [img], label, spacing, _origin(rng, (-60.0, -60.0, -400.0)), tuple(np.eye(3).ravel()), np.int16
+    )
 
 
 def _make_hippo(rng: np.random.Generator, size: int) -> DemoCase:
@@ -221,7 +225,9 @@ def _make_hippo(rng: np.random.Generator, size: int) -> DemoCase:
     label = np.zeros(shape, dtype=np.uint8)
     label[anterior] = 1
     label[posterior] = 2
-    return DemoCase([img], label, spacing, _origin(rng, (-30.0, -40.0, -20.0)), tuple(np.eye(3).ravel()), np.float32)
+    return DemoCase(
+        [img], label, spacing, _origin(rng, (-30.0, -40.0, -20.0)), tuple(np.eye(3).ravel()), np.float32
+    )
 
 
 def _make_prostate(rng: np.random.Generator, size: int) -> DemoCase:
@@ -283,7 +289,9 @@ def _make_spleen(rng: np.random.Generator, size: int) -> DemoCase:
     img += sigma * _noise(rng, shape)
     img[~body] = -1000.0 + 10.0 * rng.standard_normal(int((~body).sum())).astype(np.float32)
     direction = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # flipped x and y
-    return DemoCase([img], spleen.astype(np.uint8), spacing, _origin(rng, (80.0, 70.0, -300.0)), direction, np.int16)
+    return DemoCase(
+        [img], spleen.astype(np.uint8), spacing, _origin(rng, (80.0, 70.0, -300.0)), direction, np.int16
+    )
 
 
 #: the demo tasks, keyed by task folder name (order = task index for the seeds)
@@ -374,14 +382,21 @@ def generate_task(
         atomic_write_nifti(_to_sitk(case, case.images, case.dtype), root / sub / f"{case_id}.nii.gz")
         # test labels go to labelsTs/ (not part of the MSD layout: real tasks have none); the demo
         # scores its test predictions against them
-        atomic_write_nifti(_to_sitk(case, [case.label], np.uint8), root / ("labelsTs" if is_test else "labelsTr") / f"{case_id}.nii.gz")
+        atomic_write_nifti(
+            _to_sitk(case, [case.label], np.uint8),
+            root / ("labelsTs" if is_test else "labelsTr") / f"{case_id}.nii.gz",
+        )
         if is_test:
             test.append(f"./imagesTs/{case_id}.nii.gz")
         else:
-            training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+            training.append(
+                {"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"}
+            )
     if name == "Task92_DemoHippoMR" and n_train:  # MSD quirk: macOS resource forks in the archive
         for sub in ("imagesTr", "labelsTr"):
-            (root / sub / f"._{task.prefix}_001.nii.gz").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+            (root / sub / f"._{task.prefix}_001.nii.gz").write_bytes(
+                b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X"
+            )
     meta = {
         "name": name.split("_", 1)[1],
         "description": task.description,
@@ -426,12 +441,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write small synthetic MSD-format tasks (Task folders with dataset.json, imagesTr, "
         "labelsTr, imagesTs, plus the test labels in labelsTs) for trying the pipeline without downloading data.",
     )
-    ap.add_argument("--out", required=True, help="output folder (e.g. dataset/ or demo_data/); created if missing")
-    ap.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files (default 0)")
+    ap.add_argument(
+        "--out", required=True, help="output folder (e.g. dataset/ or demo_data/); created if missing"
+    )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="random seed; the same seed gives identical files (default 0)"
+    )
     ap.add_argument("--n_train", type=int, default=12, help="training cases per task (default 12)")
     ap.add_argument("--n_test", type=int, default=3, help="test cases per task (default 3)")
     ap.add_argument(
-        "--size", type=int, default=64, help="about how many voxels per axis after resampling (default 64, min 16)"
+        "--size",
+        type=int,
+        default=64,
+        help="about how many voxels per axis after resampling (default 64, min 16)",
     )
     ap.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help=f"subset of {list(DEMO_TASKS)}")
     args = ap.parse_args(argv)
@@ -441,7 +463,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--n_train and --n_test must be >= 0")
     try:
         roots = generate_demo_data(
-            args.out, seed=args.seed, n_train=args.n_train, n_test=args.n_test, size=args.size, tasks=args.tasks
+            args.out,
+            seed=args.seed,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            size=args.size,
+            tasks=args.tasks,
         )
     except ValueError as e:
         ap.error(str(e))

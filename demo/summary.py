@@ -91,12 +91,16 @@ def format_table(rows: Sequence[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m demo.summary", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset_dir", required=True, help="demo data (Task folders with labelsTs)")
-    ap.add_argument("--results_dir", required=True, help="demo results folder (predictions/<mode>/<task>/ inside)")
+    ap.add_argument(
+        "--results_dir", required=True, help="demo results folder (predictions/<mode>/<task>/ inside)"
+    )
     ap.add_argument("--run", action="append", required=True, metavar="MODE=FOLDER",
                     help="a mode name and the run folder(s) of its checkpoint(s); repeat per mode")  # fmt: skip
     ap.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
     ap.add_argument("--min_dice", type=float, default=0.7, help="report every foreground Dice below this")
-    ap.add_argument("--strict", action="store_true", help="exit with status 1 when a Dice is below --min_dice")
+    ap.add_argument(
+        "--strict", action="store_true", help="exit with status 1 when a Dice is below --min_dice"
+    )
     args = ap.parse_args(argv)
     results = Path(args.results_dir)
     rows: list[dict] = []
@@ -106,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--run needs MODE=FOLDER, got {item!r}")
         rows += evaluate_mode(mode, Path(folder), Path(args.dataset_dir), results, args.tasks)
     out = results / "summary.csv"
-    atomic_write_csv(out, FIELDS, [{**r, "dice": f"{r['dice']:.4f}", "hd95_mm": f"{r['hd95_mm']:.2f}"} for r in rows])
+    atomic_write_csv(
+        out, FIELDS, [{**r, "dice": f"{r['dice']:.4f}", "hd95_mm": f"{r['hd95_mm']:.2f}"} for r in rows]
+    )
     print(format_table(rows))
     low = [r for r in rows if r["dice"] < args.min_dice]
     print(f"\nwrote {out}; Dice on the test cases (labelsTs); "

@@ -1,4 +1,4 @@
-"""Post-processing of a predicted label map (REFERENCE.md, "Inference and evaluation").
+"""Post-processing of a predicted label map (docs/paper_preset.md, "Inference and evaluation").
 
 Driven only by the task's plans (``docs/formats.md``), never by task names:
 

@@ -84,7 +84,9 @@ class TaskModel:
         return int(self.plans["num_classes"])
 
     @classmethod
-    def from_checkpoint(cls, ckpt_path: str | os.PathLike[str], task: str | None, device: str = "cpu") -> TaskModel:
+    def from_checkpoint(
+        cls, ckpt_path: str | os.PathLike[str], task: str | None, device: str = "cpu"
+    ) -> TaskModel:
         """Load a checkpoint and pick a task (``None``: the checkpoint's only task).
 
         Raises:
@@ -221,7 +223,9 @@ class Segmenter:
         weight = np.load(weight_path, mmap_mode="r") if weight_path.is_file() else None
         return self.segment_array(image, weight)
 
-    def segment_file(self, image_path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> np.ndarray:
+    def segment_file(
+        self, image_path: str | os.PathLike[str], out_path: str | os.PathLike[str]
+    ) -> np.ndarray:
         """Preprocess, segment, post-process one raw NIfTI image and write its label map.
 
         Returns:
@@ -266,7 +270,12 @@ class Segmenter:
         for path, why in problems:
             report.failed.append((path, why))
             _log(f"FAILED {path}: {why}")
-        bar = tqdm(files, desc=f"segmenting ({self.task.task_name})", unit="image", disable=not self.settings.progress)
+        bar = tqdm(
+            files,
+            desc=f"segmenting ({self.task.task_name})",
+            unit="image",
+            disable=not self.settings.progress,
+        )
         for path in bar:
             bar.set_postfix_str(path.name)
             target = out_dir / output_name(path)

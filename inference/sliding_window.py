@@ -74,7 +74,7 @@ def patch_weight_map(
 
     Args:
         patch_size: (pz, py, px).
-        mode: ``"linear"`` (REFERENCE.md / the original ``calPatchWeights``): with ``d`` the
+        mode: ``"linear"`` (docs/paper_preset.md; the original ``calPatchWeights``): with ``d`` the
             Euclidean distance (in voxels) of a voxel centre to the patch centre,
             ``w = 1 - (d - d_min) / (d_max - d_min)``, i.e. exactly 1 at the centre voxel(s) and 0
             at the corners; ``"gaussian"``: ``exp(-sum(((i - c) / (sigma_scale * p))**2) / 2)``
@@ -251,7 +251,11 @@ def _accumulate(
     pinned: list[torch.Tensor] = []
     pending: tuple[torch.Tensor, Sequence[tuple[slice, slice, slice]], torch.cuda.Event] | None = None
 
-    pbar = tqdm(total=len(windows), desc="sliding window", unit="patch", leave=False) if settings.progress else None
+    pbar = (
+        tqdm(total=len(windows), desc="sliding window", unit="patch", leave=False)
+        if settings.progress
+        else None
+    )
     try:
         for k, batch in enumerate(_batched(windows, batch_size)):
             x = torch.stack([img[(slice(None), *w)] for w in batch])
@@ -343,7 +347,9 @@ def sliding_window(
         the label map or probabilities at the input's spatial shape.
     """
     want_probs = output == "probabilities"
-    acc, norm, region = _accumulate(network, image, task_idx, patch_size, settings, num_classes, with_norm=want_probs)
+    acc, norm, region = _accumulate(
+        network, image, task_idx, patch_size, settings, num_classes, with_norm=want_probs
+    )
     if not want_probs:
         return _argmax_chunked(acc, region)
     assert norm is not None
@@ -379,13 +385,19 @@ def infer_case(
         uint8 (z, y, x) labels or float32 (C, z, y, x) probabilities at the input's spatial shape.
     """
     if model_patch is None or _same(task_patch, model_patch):
-        return sliding_window(network, image, task_idx, task_patch, settings, num_classes=num_classes, output=output)
+        return sliding_window(
+            network, image, task_idx, task_patch, settings, num_classes=num_classes, output=output
+        )
     if settings.unified_mode == "patch":
         wrapped = ResizingNetwork(network, task_patch, model_patch)
-        return sliding_window(wrapped, image, task_idx, task_patch, settings, num_classes=num_classes, output=output)
+        return sliding_window(
+            wrapped, image, task_idx, task_patch, settings, num_classes=num_classes, output=output
+        )
     shape = tuple(int(s) for s in image.shape[1:])
     scaled = _resize_image(image, _scaled_shape(shape, task_patch, model_patch))
-    result = sliding_window(network, scaled, task_idx, model_patch, settings, num_classes=num_classes, output=output)
+    result = sliding_window(
+        network, scaled, task_idx, model_patch, settings, num_classes=num_classes, output=output
+    )
     del scaled
     if output == "labels":
         return resize_nearest(result, shape)
@@ -442,5 +454,3 @@ def _resize_image(image: np.ndarray | torch.Tensor, shape: Sequence[int]) -> tor
             0, 0
         ]
     return out
-
-

@@ -37,4 +37,3 @@ class DepthwiseConv3d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
-

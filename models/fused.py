@@ -168,7 +168,9 @@ class _DepthwiseConv3d(torch.autograd.Function):
 _WEIGHT_GRAD_2D_MAX_CHANNELS = 32
 
 
-def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pad: int) -> torch.Tensor:
+def _depthwise_weight_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pad: int
+) -> torch.Tensor:
     """Weight gradient of a stride-1 depthwise conv3d, shape (C, 1, k, k, k).
 
     For channels_last_3d CPU tensors with few channels it is computed slice by slice in z: the
@@ -186,7 +188,16 @@ def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
     )
     if not use_2d:
         return torch.ops.aten.convolution_backward(
-            grad_out, x, weight, None, [1, 1, 1], [pad] * 3, [1, 1, 1], False, [0, 0, 0], channels,
+            grad_out,
+            x,
+            weight,
+            None,
+            [1, 1, 1],
+            [pad] * 3,
+            [1, 1, 1],
+            False,
+            [0, 0, 0],
+            channels,
             [False, True, False],
         )[1]
     depth = x.shape[2]
@@ -201,7 +212,17 @@ def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
             g2 = grad_out[n, :, lo:hi].transpose(0, 1)  # (d, C, H, W), channels_last 2D view
             x2 = x[n, :, lo + dz : hi + dz].transpose(0, 1)
             grad_w[:, :, kz] += torch.ops.aten.convolution_backward(
-                g2, x2, weight_2d, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], channels, [False, True, False]
+                g2,
+                x2,
+                weight_2d,
+                None,
+                [1, 1],
+                [pad, pad],
+                [1, 1],
+                False,
+                [0, 0],
+                channels,
+                [False, True, False],
             )[1]
     return grad_w.to(memory_format=torch.contiguous_format if weight.is_contiguous() else fmt)
 

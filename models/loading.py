@@ -10,7 +10,9 @@ from models.unet import ModelConfig, U2Net3D
 __all__ = ["build_model_from_checkpoint"]
 
 
-def build_model_from_checkpoint(ckpt: Mapping[str, Any], *, strict: bool = True) -> tuple[U2Net3D, list[dict]]:
+def build_model_from_checkpoint(
+    ckpt: Mapping[str, Any], *, strict: bool = True
+) -> tuple[U2Net3D, list[dict]]:
     """Instantiate the checkpoint's ``model_config``, load its weights, set eval mode.
 
     Args:

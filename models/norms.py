@@ -58,7 +58,9 @@ class TaskNorm(nn.Module):
         return norm_act(self.norms[task_idx], x, slope, self.use_fused)
 
 
-def norm_act(norm: nn.InstanceNorm3d, x: torch.Tensor, slope: float | None, fused: bool = True) -> torch.Tensor:
+def norm_act(
+    norm: nn.InstanceNorm3d, x: torch.Tensor, slope: float | None, fused: bool = True
+) -> torch.Tensor:
     """``norm`` then LeakyReLU(slope) (if given): fused, or with the plain PyTorch modules."""
     if fused:
         return instance_norm_act(x, norm.weight, norm.bias, norm.eps, slope)

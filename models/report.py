@@ -40,7 +40,9 @@ def task_spec(name: str, plans_dir: str | Path | None = None) -> TaskSpec:
         plans_file = Path(plans_dir) / name / "plans.json"
         if plans_file.is_file():
             plans = json.loads(plans_file.read_text())
-            return TaskSpec(name, len(plans["modalities"]), int(plans["num_classes"]), tuple(plans["pools_per_axis"]))
+            return TaskSpec(
+                name, len(plans["modalities"]), int(plans["num_classes"]), tuple(plans["pools_per_axis"])
+            )
     if name in PAPER_TASK_IO:
         mods, classes = PAPER_TASK_IO[name]
         return TaskSpec(name, mods, classes, tuple(PRESETS[name].pools_per_axis))
@@ -56,8 +58,13 @@ def independent_total(specs: Sequence[TaskSpec], base_channels: int = 16) -> int
     """Parameters of one independent model per task, each with its own pools."""
     return sum(
         count_parameters(
-            build_model("independent", [s.modalities], [s.num_classes], pools_per_axis=s.pools_per_axis,
-                        base_channels=base_channels)
+            build_model(
+                "independent",
+                [s.modalities],
+                [s.num_classes],
+                pools_per_axis=s.pools_per_axis,
+                base_channels=base_channels,
+            )
         )
         for s in specs
     )
@@ -76,8 +83,13 @@ def format_report(
     if train_mode == "independent":
         rows = []
         for s in specs:
-            m = build_model("independent", [s.modalities], [s.num_classes], pools_per_axis=s.pools_per_axis,
-                            base_channels=base_channels)
+            m = build_model(
+                "independent",
+                [s.modalities],
+                [s.num_classes],
+                pools_per_axis=s.pools_per_axis,
+                base_channels=base_channels,
+            )
             rows.append((s.name, count_parameters(m), s.pools_per_axis))
         lines.append(f"independent models (base {base_channels}):")
         for name, n, pools in rows:
@@ -85,8 +97,12 @@ def format_report(
         lines.append(f"  {'total':<28} {sum(r[1] for r in rows):>14,}")
         return "\n".join(lines)
     model = build_model(
-        train_mode, [s.modalities for s in specs], [s.num_classes for s in specs], module=module,
-        base_channels=base_channels, pools_per_axis=model_pools,
+        train_mode,
+        [s.modalities for s in specs],
+        [s.num_classes for s in specs],
+        module=module,
+        base_channels=base_channels,
+        pools_per_axis=model_pools,
     )
     counts = parameter_counts(model)
     indep = independent_total(specs, base_channels)
@@ -100,14 +116,19 @@ def format_report(
     lines.append(f"  ratio to independent models: {counts.total / indep:.2%}")
     if train_mode == "universal":
         shared_model = build_model(
-            "shared", [s.modalities for s in specs], [s.num_classes for s in specs],
-            base_channels=base_channels, pools_per_axis=model_pools,
+            "shared",
+            [s.modalities for s in specs],
+            [s.num_classes for s in specs],
+            base_channels=base_channels,
+            pools_per_axis=model_pools,
         )
         lines.append(f"  ratio to the shared model:   {counts.total / count_parameters(shared_model):.2%}")
     return "\n".join(lines)
 
 
-def parameter_report(model: U2Net3D, task_names: Sequence[str], new_task: int | None = None) -> dict[str, Any]:
+def parameter_report(
+    model: U2Net3D, task_names: Sequence[str], new_task: int | None = None
+) -> dict[str, Any]:
     """Parameter counts: total, shared, per task, trainable and (adaptation) what the new domain cost."""
     counts = parameter_counts(model)
     per_task = counts.per_task

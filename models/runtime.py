@@ -64,6 +64,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2

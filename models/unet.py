@@ -59,7 +59,9 @@ class ModelConfig:
             if module not in ADAPTER_MODULES:
                 raise ValueError(f"module must be one of {ADAPTER_MODULES}, got {module!r}")
         elif module not in (None, ""):
-            raise ValueError(f"module={module!r} is only used by train_mode='universal' (got {self.train_mode!r})")
+            raise ValueError(
+                f"module={module!r} is only used by train_mode='universal' (got {self.train_mode!r})"
+            )
         else:
             module = None
         object.__setattr__(self, "module", module)
@@ -113,17 +115,23 @@ class U2Net3D(nn.Module):
         self.input_heads = InputHeads(config.in_channels, channels[0])
         self.encoders = nn.ModuleList(EncoderBlock(c, make_unit, config.residual) for c in channels)
         self.downsamples = nn.ModuleList(
-            Downsample(channels[i], channels[i + 1], self.level_strides[i], num_tasks) for i in range(self.depth - 1)
+            Downsample(channels[i], channels[i + 1], self.level_strides[i], num_tasks)
+            for i in range(self.depth - 1)
         )
         # decoders[i] works at level i (i = 0 .. depth-2), fed by level i+1.
         self.decoders = nn.ModuleList(
             DecoderBlock(channels[i + 1], channels[i], make_unit) for i in range(self.depth - 1)
         )
         self.ds_levels = (
-            [lvl for lvl in DEEP_SUPERVISION_LEVELS if lvl <= self.depth - 2] if config.deep_supervision else []
+            [lvl for lvl in DEEP_SUPERVISION_LEVELS if lvl <= self.depth - 2]
+            if config.deep_supervision
+            else []
         )
         self.ds_heads = nn.ModuleDict(
-            {str(lvl): ClassHeads(channels[lvl], config.num_classes, with_norm_act=True) for lvl in self.ds_levels}
+            {
+                str(lvl): ClassHeads(channels[lvl], config.num_classes, with_norm_act=True)
+                for lvl in self.ds_levels
+            }
         )
         self.output_heads = ClassHeads(channels[0], config.num_classes, with_norm_act=False)
         self.apply(_init_weights)
@@ -140,7 +148,9 @@ class U2Net3D(nn.Module):
             raise ValueError(f"expected input (N, C, D, H, W), got shape {tuple(x.shape)}")
         want_c = self.config.in_channels[task_idx]
         if x.shape[1] != want_c:
-            raise ValueError(f"task {task_idx} takes {want_c} modality channel(s), got input with {x.shape[1]}")
+            raise ValueError(
+                f"task {task_idx} takes {want_c} modality channel(s), got input with {x.shape[1]}"
+            )
         bad = [
             (axis, size, stride)
             for axis, size, stride in zip("DHW", x.shape[2:], self.total_strides, strict=True)

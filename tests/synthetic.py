@@ -16,7 +16,12 @@ import numpy as np
 
 
 def synthetic_plans(
-    task: str, num_modalities: int, num_classes: int, patch: Sequence[int], pools: Sequence[int], batch_size: int = 2
+    task: str,
+    num_modalities: int,
+    num_classes: int,
+    patch: Sequence[int],
+    pools: Sequence[int],
+    batch_size: int = 2,
 ) -> dict[str, Any]:
     return {
         "task": task,
@@ -39,7 +44,12 @@ def synthetic_plans(
 
 
 def write_synthetic_case(
-    split_dir: Path, case: str, shape: Sequence[int], num_modalities: int, num_classes: int, rng: np.random.Generator
+    split_dir: Path,
+    case: str,
+    shape: Sequence[int],
+    num_modalities: int,
+    num_classes: int,
+    rng: np.random.Generator,
 ) -> None:
     """One case: image (M, z, y, x) float32, label uint8, weight uint8 and its sidecar (written last)."""
     shape = tuple(int(s) for s in shape)
@@ -98,6 +108,8 @@ def make_synthetic_task(
     return plans, {"train": ids[:n_train], "val": ids[n_train:]}
 
 
-def write_folds(path: str | os.PathLike[str], folds: dict[str, dict[str, list[str]]], n_folds: int = 5) -> None:
+def write_folds(
+    path: str | os.PathLike[str], folds: dict[str, dict[str, list[str]]], n_folds: int = 5
+) -> None:
     """``fold_splits.json`` with the same fold repeated ``n_folds`` times per task."""
     Path(path).write_text(json.dumps({t: [f] * n_folds for t, f in folds.items()}, indent=1))

@@ -81,7 +81,9 @@ def test_label_sanitation_and_fusion() -> None:
 
 
 def test_truncated_and_corrupt_nifti_detected(tmp_path: Path) -> None:
-    good = _write(tmp_path / "good.nii.gz", np.random.default_rng(0).normal(size=(10, 12, 14)).astype(np.float32))
+    good = _write(
+        tmp_path / "good.nii.gz", np.random.default_rng(0).normal(size=(10, 12, 14)).astype(np.float32)
+    )
     check_nifti_integrity(good)
     data = good.read_bytes()
     trunc = tmp_path / "trunc.nii.gz"
@@ -122,7 +124,9 @@ def test_paper_preset_table_and_suffix_match() -> None:
     liver = build_plans("Task03_Liver", ["CT"], {0: "bg", 1: "liver", 2: "cancer"}, [(1, 1, 1)], [(9, 9, 9)])
     assert liver["label_map"] == {"0": 0, "1": 1, "2": 1} and liver["num_classes"] == 2 and liver["is_ct"]
     assert liver["labels"] == {"0": "bg", "1": "liver"} and liver["tumour_classes"] == []
-    prostate = build_plans("Task05_Prostate", ["T2", "ADC"], {0: "bg", 1: "PZ", 2: "TZ"}, [(3, 1, 1)], [(9, 9, 9)])
+    prostate = build_plans(
+        "Task05_Prostate", ["T2", "ADC"], {0: "bg", 1: "PZ", 2: "TZ"}, [(3, 1, 1)], [(9, 9, 9)]
+    )
     assert prostate["small_label"] == 1 and prostate["target_spacing"] == [3.6, 0.625, 0.625]
     # the pool rule reproduces every paper row
     for row in PRESETS.values():

@@ -22,7 +22,9 @@ def _digest(root: Path) -> str:
 
 
 def test_demo_tasks_layout_and_content(tmp_path: Path) -> None:
-    assert main(["--out", str(tmp_path), "--seed", "3", "--n_train", "2", "--n_test", "1", "--size", "20"]) == 0
+    assert (
+        main(["--out", str(tmp_path), "--seed", "3", "--n_train", "2", "--n_test", "1", "--size", "20"]) == 0
+    )
     assert len(DEMO_TASKS) >= 4
     for name in DEMO_TASKS:
         root = tmp_path / name
@@ -43,7 +45,9 @@ def test_demo_tasks_layout_and_content(tmp_path: Path) -> None:
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(liver.training[0].label)))
     assert {1, 2} <= set(np.unique(lab))  # tumour inside the organ
     prostate = read_geometry(load_task(tmp_path / "Task93_DemoProstateMR").training[0].image)
-    assert prostate.n_modalities == 2 and prostate.spacing_zyx[0] > 2 * prostate.spacing_zyx[1]  # 4D, anisotropic
+    assert (
+        prostate.n_modalities == 2 and prostate.spacing_zyx[0] > 2 * prostate.spacing_zyx[1]
+    )  # 4D, anisotropic
     spleen = read_geometry(load_task(tmp_path / "Task94_DemoSpleenCT").training[0].image)
     assert not np.allclose(spleen.direction, np.eye(3).ravel())  # non-identity direction
     hippo = tmp_path / "Task92_DemoHippoMR"

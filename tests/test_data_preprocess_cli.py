@@ -45,7 +45,9 @@ def _run(dataset: Path, prep: Path, *extra: str) -> int:
     return preprocess_taskSep.main([*args, *extra])  # folds: <prep>/fold_splits.json by default
 
 
-def test_preprocess_demo_end_to_end_and_rerun(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_preprocess_demo_end_to_end_and_rerun(
+    demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     prep = tmp_path / "prep"
     assert _run(demo, prep) == 0
     out = capsys.readouterr().out
@@ -90,16 +92,27 @@ def test_preprocess_demo_end_to_end_and_rerun(demo: Path, tmp_path: Path, capsys
     assert (train / "spleenct_002.json").is_file() and not list(train.glob(".u2tmp-*"))
 
     # data_explore on the same tasks
-    assert data_explore.main(["--dataset_dir", str(demo), "--out_dir", str(tmp_path / "ex"), "--no_progress"]) == 0
+    assert (
+        data_explore.main(["--dataset_dir", str(demo), "--out_dir", str(tmp_path / "ex"), "--no_progress"])
+        == 0
+    )
     summary = capsys.readouterr().out
     assert "Task93_DemoProstateMR" in summary and "median spacing" in summary
     rows = list(csv.DictReader(open(tmp_path / "ex" / "meta_per_case.csv")))
-    assert len(rows) == 12 and {"dim_z", "spacing_x", "datatype", "scl_slope", "smallest_label_voxels"} <= set(rows[0])
+    assert len(rows) == 12 and {
+        "dim_z",
+        "spacing_x",
+        "datatype",
+        "scl_slope",
+        "smallest_label_voxels",
+    } <= set(rows[0])
     stats = list(csv.DictReader(open(tmp_path / "ex" / "stats_per_task.csv")))
     assert {(s["task"], s["quantity"]) for s in stats} >= {("Task91_DemoLiverCT", "smallest_label_voxels")}
 
 
-def _rewrite(path: Path, array: np.ndarray, like: sitk.Image, *, four_d: bool = False, shift: float = 0.0) -> None:
+def _rewrite(
+    path: Path, array: np.ndarray, like: sitk.Image, *, four_d: bool = False, shift: float = 0.0
+) -> None:
     img = sitk.GetImageFromArray(array, isVector=False)
     if four_d:
         img.SetSpacing([*like.GetSpacing()[:3], 1.0])
@@ -117,7 +130,11 @@ def _rewrite(path: Path, array: np.ndarray, like: sitk.Image, *, four_d: bool = 
 def test_bad_inputs_are_reported_and_good_cases_finish(
     demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    liver, spleen, prostate = demo / "Task91_DemoLiverCT", demo / "Task94_DemoSpleenCT", demo / "Task93_DemoProstateMR"
+    liver, spleen, prostate = (
+        demo / "Task91_DemoLiverCT",
+        demo / "Task94_DemoSpleenCT",
+        demo / "Task93_DemoProstateMR",
+    )
     # 1. truncated image
     data = (liver / "imagesTr" / "liverct_001.nii.gz").read_bytes()
     (liver / "imagesTr" / "liverct_001.nii.gz").write_bytes(data[: len(data) * 2 // 3])
@@ -132,7 +149,9 @@ def test_bad_inputs_are_reported_and_good_cases_finish(
     # 5. 4D image with 3 modalities where dataset.json lists 2
     img = sitk.ReadImage(str(prostate / "imagesTr" / "prostatemr_003.nii.gz"))
     arr = sitk.GetArrayFromImage(img)
-    _rewrite(prostate / "imagesTr" / "prostatemr_003.nii.gz", np.concatenate([arr, arr[:1]]), img, four_d=True)
+    _rewrite(
+        prostate / "imagesTr" / "prostatemr_003.nii.gz", np.concatenate([arr, arr[:1]]), img, four_d=True
+    )
 
     prep = tmp_path / "prep"
     assert _run(demo, prep) == 1
@@ -177,7 +196,18 @@ def test_unknown_task_derived_settings_overrides_and_parallel(
     capsys.readouterr()
 
     # other settings on existing output: refused without --overwrite, applied with it
-    flags = ["--tasks", "Task555_SomethingNew", "--target_spacing", "2", "2", "2", "--patch_size", "16", "16", "16"]
+    flags = [
+        "--tasks",
+        "Task555_SomethingNew",
+        "--target_spacing",
+        "2",
+        "2",
+        "2",
+        "--patch_size",
+        "16",
+        "16",
+        "16",
+    ]
     assert _run(demo, prep, *flags) == 1
     assert "--overwrite" in capsys.readouterr().out
     assert _run(demo, prep, *flags, "--pools", "2", "2", "2", "--overwrite") == 0

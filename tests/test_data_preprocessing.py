@@ -57,7 +57,9 @@ def _write(path: Path, arr: np.ndarray, spacing_zyx, origin=(10.0, -20.0, 5.0), 
 
 
 def _ball(shape, spacing_zyx, centre_mm, radius_mm) -> np.ndarray:
-    zz, yy, xx = np.meshgrid(*[(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing_zyx, strict=True)], indexing="ij")
+    zz, yy, xx = np.meshgrid(
+        *[(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing_zyx, strict=True)], indexing="ij"
+    )
     return ((zz - centre_mm[0]) ** 2 + (yy - centre_mm[1]) ** 2 + (xx - centre_mm[2]) ** 2) < radius_mm**2
 
 
@@ -117,7 +119,9 @@ def test_ct_clip_and_weight_map(tmp_path: Path) -> None:
     img = np.full(shape, -3024.0, np.float32)  # outside the scanner's field of view
     img[:, 4:16, 4:16] = 50.0
     img[:, 8:12, 8:12] = -500.0
-    image, weight, _ = preprocess_image(_write(tmp_path / "ct.nii.gz", img, spacing), _plans(modalities=("CT",)))
+    image, weight, _ = preprocess_image(
+        _write(tmp_path / "ct.nii.gz", img, spacing), _plans(modalities=("CT",))
+    )
     assert weight.dtype == np.uint8 and 0 < weight.mean() < 1
     # -3024 was clipped to -1024 before the percentile clip, so the air stays below the lung-like hole
     assert image[0].min() < image[0][weight == 0].max() + 1e-6
@@ -205,7 +209,9 @@ def test_zero_mask_stops_bspline_ringing_in_zero_background(tmp_path: Path) -> N
     _, w_paper, _ = preprocess_image(path, paper)
     image, w_imp, side = preprocess_image(path, improved)
     box = side["crop_box"]
-    nearest = resample_volume(crop_to_box(ball.astype(np.uint8), box), spacing, side["resampled_shape"], is_label=True)
+    nearest = resample_volume(
+        crop_to_box(ball.astype(np.uint8), box), spacing, side["resampled_shape"], is_label=True
+    )
     assert int(w_imp.sum()) == int(nearest.sum())  # exactly the original non-zero region
     assert w_paper.sum() > 3 * w_imp.sum()  # without the mask, ringing leaks far into the background
     assert np.all(image[0][w_imp == 0] == 0)

@@ -33,7 +33,13 @@ def test_stitching_equals_whole_volume(weight_mode: str) -> None:
     rng = np.random.default_rng(0)
     image = rng.normal(size=(2, 13, 21, 17)).astype(np.float32)
     probs = sliding_window(
-        pointwise, image, 1, (8, 8, 8), S(batch_size=3, weight_mode=weight_mode), num_classes=3, output="probabilities"
+        pointwise,
+        image,
+        1,
+        (8, 8, 8),
+        S(batch_size=3, weight_mode=weight_mode),
+        num_classes=3,
+        output="probabilities",
     )
     assert probs.shape == (3, 13, 21, 17) and probs.dtype == np.float32
     np.testing.assert_allclose(probs, whole_volume(image, 1), rtol=1e-5, atol=1e-6)
@@ -50,7 +56,9 @@ def test_smaller_than_patch_is_padded_and_cropped_and_tta() -> None:
         seen.append(tuple(x.shape))
         return pointwise(x, t)
 
-    probs = sliding_window(pred, image, 0, (8, 12, 16), S(mirror_tta=True, batch_size=4), output="probabilities")
+    probs = sliding_window(
+        pred, image, 0, (8, 12, 16), S(mirror_tta=True, batch_size=4), output="probabilities"
+    )
     assert probs.shape == (3, 5, 9, 30)
     assert all(s[2:] == (8, 12, 16) for s in seen)
     np.testing.assert_allclose(probs, whole_volume(image), rtol=1e-5, atol=1e-6)
@@ -156,7 +164,9 @@ def test_cuda_pipelined_cpu_accumulator_matches_cpu() -> None:
     for img in (image, torch.from_numpy(image).cuda()):  # CPU input, and input already on the GPU
         for accum_device in ("cpu", "cuda"):
             settings = S(batch_size=3, device="cuda", accum_device=accum_device)
-            got = sliding_window(lambda x, t: conv_gpu(x), img, 0, (8, 8, 8), settings, output="probabilities")
+            got = sliding_window(
+                lambda x, t: conv_gpu(x), img, 0, (8, 8, 8), settings, output="probabilities"
+            )
             np.testing.assert_allclose(got, ref, atol=1e-4)
     labels = sliding_window(lambda x, t: conv_gpu(x), image, 0, (8, 8, 8), S(device="cuda", mirror_tta=True))
     assert labels.shape == image.shape[1:]

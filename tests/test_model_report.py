@@ -1,4 +1,4 @@
-"""``python -m models``: the parameter report reproduces REFERENCE.md's table."""
+"""``python -m models``: the parameter report reproduces the paper's table (docs/paper_preset.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from models.__main__ import main
 
 
 def test_report_universal_separable_paper_tasks(capsys):
-    assert main(["--train_mode", "universal", "--module", "separable_adapter", "--plans_dir", "/nonexistent"]) == 0
+    assert (
+        main(["--train_mode", "universal", "--module", "separable_adapter", "--plans_dir", "/nonexistent"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "6,577,460" in out and "134,508,692" in out
     assert "ratio to independent models: 4.89%" in out
@@ -25,8 +28,22 @@ def test_report_reads_plans_of_unknown_task(tmp_path, capsys):
     (tmp_path / "Task42_Kidney").mkdir()
     plans = {"modalities": ["CT"], "num_classes": 3, "pools_per_axis": [2, 2, 2]}
     (tmp_path / "Task42_Kidney" / "plans.json").write_text(json.dumps(plans))
-    code = main(["--train_mode", "shared", "--tasks", "Task42_Kidney", "--plans_dir", str(tmp_path),
-                 "--base_channels", "4", "--pools", "2", "2", "2"])
+    code = main(
+        [
+            "--train_mode",
+            "shared",
+            "--tasks",
+            "Task42_Kidney",
+            "--plans_dir",
+            str(tmp_path),
+            "--base_channels",
+            "4",
+            "--pools",
+            "2",
+            "2",
+            "2",
+        ]
+    )
     assert code == 0
     assert "task Task42_Kidney" in capsys.readouterr().out
 

@@ -49,7 +49,9 @@ MODES = [
 
 
 @pytest.mark.parametrize(("mode", "module"), MODES)
-@pytest.mark.parametrize(("pools", "size"), [((1, 2, 2), (2, 8, 12)), ((2, 3, 1), (8, 16, 6)), ((3, 3, 3), (8, 8, 16))])
+@pytest.mark.parametrize(
+    ("pools", "size"), [((1, 2, 2), (2, 8, 12)), ((2, 3, 1), (8, 16, 6)), ((3, 3, 3), (8, 8, 16))]
+)
 def test_output_shapes_every_task(mode, module, pools, size):
     mods, classes = ([2], [3]) if mode == "independent" else ([1, 2, 1], [2, 3, 4])
     model = build_model(mode, mods, classes, module=module, base_channels=4, pools_per_axis=pools)
@@ -62,7 +64,13 @@ def test_output_shapes_every_task(mode, module, pools, size):
 @pytest.mark.parametrize("residual", [True, False])
 def test_options_change_the_network(deep_supervision, residual):
     model = build_model(
-        "universal", [1], [2], base_channels=4, pools_per_axis=3, deep_supervision=deep_supervision, residual=residual
+        "universal",
+        [1],
+        [2],
+        base_channels=4,
+        pools_per_axis=3,
+        deep_supervision=deep_supervision,
+        residual=residual,
     )
     assert model(torch.randn(1, 1, 8, 8, 8), 0).shape == (1, 2, 8, 8, 8)
     assert bool(model.ds_heads) == deep_supervision
@@ -140,7 +148,9 @@ def test_freeze_for_new_task_trains_only_its_parameters():
 def test_fused_ops_match_plain_modules(mode, module, channels_last):
     torch.manual_seed(0)
     n = 1 if mode == "independent" else 2
-    model = build_model(mode, [1, 2][:n], [2, 3][:n], module=module, base_channels=4, pools_per_axis=(1, 2, 2))
+    model = build_model(
+        mode, [1, 2][:n], [2, 3][:n], module=module, base_channels=4, pools_per_axis=(1, 2, 2)
+    )
     model = model.double()
     x = torch.randn(2, 1, 4, 8, 12, dtype=torch.float64)
     if channels_last:
@@ -152,7 +162,9 @@ def test_fused_ops_match_plain_modules(mode, module, channels_last):
         model.zero_grad()
         y = model(x, 0)
         (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
-        results.append((y.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+        results.append(
+            (y.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        )
     (y_f, g_f), (y_p, g_p) = results
     torch.testing.assert_close(y_f, y_p, rtol=1e-10, atol=1e-10)
     assert g_f.keys() == g_p.keys()
@@ -184,7 +196,10 @@ def test_bad_input_size_names_axis_and_working_sizes():
         ({"train_mode": "joint"}, "train_mode must be one of"),
         ({"train_mode": "universal", "module": "bottleneck"}, "module must be one of"),
         ({"train_mode": "shared", "module": "series_adapter"}, "only used by train_mode='universal'"),
-        ({"train_mode": "independent", "in_channels": [1, 1], "num_classes": [2, 2]}, "one model for one task"),
+        (
+            {"train_mode": "independent", "in_channels": [1, 1], "num_classes": [2, 2]},
+            "one model for one task",
+        ),
         ({"train_mode": "shared", "in_channels": [1], "num_classes": [2, 2]}, "same length"),
         ({"train_mode": "shared", "pools_per_axis": (1, 2)}, "3 ints"),
     ],

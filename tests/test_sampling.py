@@ -28,7 +28,9 @@ PATCH = (8, 12, 10)
 TASK = "Task99_Tiny"
 
 
-def _write_case(split_dir: Path, cid: str, shape: tuple[int, int, int], boxes: dict[int, tuple], seed: int) -> None:
+def _write_case(
+    split_dir: Path, cid: str, shape: tuple[int, int, int], boxes: dict[int, tuple], seed: int
+) -> None:
     rng = np.random.default_rng(seed)
     image = (1.0 + rng.random((2, *shape))).astype(np.float32)  # never 0 inside the volume
     label = np.zeros(shape, np.uint8)
@@ -62,8 +64,14 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write_case(tr, "tiny_004", (12, 16, 14), {}, 4)
     # unfinished case (no sidecar) must not be listed
     np.save(tr / "tiny_005_image.npy", np.zeros((2, 4, 4, 4), np.float32))
-    plans = {"task": TASK, "modalities": ["T2", "ADC"], "num_classes": 3, "patch_size": list(PATCH),
-             "small_label": 2, "batch_size": 5}
+    plans = {
+        "task": TASK,
+        "modalities": ["T2", "ADC"],
+        "num_classes": 3,
+        "patch_size": list(PATCH),
+        "small_label": 2,
+        "batch_size": 5,
+    }
     (root / "plans.json").write_text(json.dumps(plans))
     return root
 
@@ -238,7 +246,9 @@ def test_rotation_is_about_first_axis() -> None:
     for volume in (2.0 * z + 0.05 * r2, y):
         data = volume[None, None].copy()
         plain = without(data=data.copy(), seg=seg.copy(), aug_seed=3)["data"][0, 0]
-        np.testing.assert_allclose(plain, _centre_crop(volume, PATCH), atol=1e-4)  # no rotation: the centre crop
+        np.testing.assert_allclose(
+            plain, _centre_crop(volume, PATCH), atol=1e-4
+        )  # no rotation: the centre crop
     for seed in (3, 4, 5):
         symmetric = (2.0 * z + 0.05 * r2)[None, None].copy()
         out = with_rot(data=symmetric, seg=seg.copy(), aug_seed=seed)["data"][0, 0]
@@ -254,7 +264,10 @@ def test_loader_worker_processes_are_deterministic(task_dir: Path, plans: dict) 
     cases = list_cases(task_dir)
     single = TrainLoader(cases, plans, 2, seed=5, num_workers=0)
     one = TrainLoader(cases, plans, 2, seed=5, num_workers=1)
-    with TrainLoader(cases, plans, 2, seed=5, num_workers=2) as a, TrainLoader(cases, plans, 2, seed=5, num_workers=2) as b:
+    with (
+        TrainLoader(cases, plans, 2, seed=5, num_workers=2) as a,
+        TrainLoader(cases, plans, 2, seed=5, num_workers=2) as b,
+    ):
         batches_a = [next(a) for _ in range(4)]
         batches_b = [next(b) for _ in range(4)]
         assert len(mp.active_children()) >= 4

@@ -89,8 +89,20 @@ def test_cli_flags_all_explained() -> None:
     args = parser.parse_args(["--tasks", A, "--amp", "--predict"])
     assert args.amp == "auto" and args.predict == []
     cfg = config_from_args(args)
-    assert (cfg.max_epoch, cfg.steps_per_epoch, cfg.save_every, cfg.val_every, cfg.val_from) == (300, 300, 5, 10, 100)
-    assert (cfg.lr, cfg.weight_decay, cfg.seed, cfg.torch_seed, cfg.base_channels) == (3e-4, 5e-4, 1993, 1, 16)
+    assert (cfg.max_epoch, cfg.steps_per_epoch, cfg.save_every, cfg.val_every, cfg.val_from) == (
+        300,
+        300,
+        5,
+        10,
+        100,
+    )
+    assert (cfg.lr, cfg.weight_decay, cfg.seed, cfg.torch_seed, cfg.base_channels) == (
+        3e-4,
+        5e-4,
+        1993,
+        1,
+        16,
+    )
     assert cfg.run_dir() == Path("results") / "res_u2net3d_universal" / A
 
 
@@ -169,7 +181,12 @@ def test_new_domain_freezes_shared_and_keeps_old_tasks(data: Path, tmp_path: Pat
     common = ["--prep_dir", str(data / "prep"), "--folds_file", str(data / "folds.json"), "--results_dir", str(out),
               "--base_outChans", "4", "--max_epoch", "1", "--steps_per_epoch", "1", "--num_workers", "0",
               "--model_patch", "8", "8", "8", "--pools", "2", "2", "2", "--threads", "1", "--no_progress"]  # fmt: skip
-    kw = dict(prog="train_model_wt_adapters.py", modes=("shared", "universal"), default_mode="universal", description="")
+    kw = dict(
+        prog="train_model_wt_adapters.py",
+        modes=("shared", "universal"),
+        default_mode="universal",
+        description="",
+    )
     assert main(["--tasks", A, *common], **kw) == 0
     old_path = out / "res_u2net3d_universal" / A / "checkpoints" / "best.pt"
     old_ckpt = load_checkpoint(old_path)
@@ -209,11 +226,17 @@ def test_gpu_benchmark_script_smoke(tmp_path: Path) -> None:
     """benchmarks/bench_train_gpu.py stays runnable (tiny, CPU)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_train_gpu", Path(__file__).parent.parent / "benchmarks" / "bench_train_gpu.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_train_gpu", Path(__file__).parent.parent / "benchmarks" / "bench_train_gpu.py"
+    )
     bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(bench)  # type: ignore[union-attr]
     out = tmp_path / "bench.json"
     assert bench.main(["--smoke", "--configs", "universal_fp32", "--steps", "1", "--warmup", "1", "--workers", "0",
                        "--json", str(out)]) == 0  # fmt: skip
     res = json.loads(out.read_text())["results"][0]
-    assert res["config"] == "universal_fp32" and res["median_step_s"] > 0 and isinstance(res["loader_kept_up"], bool)
+    assert (
+        res["config"] == "universal_fp32"
+        and res["median_step_s"] > 0
+        and isinstance(res["loader_kept_up"], bool)
+    )

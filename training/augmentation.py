@@ -135,8 +135,13 @@ class MirrorAxesTransform(AbstractTransform):
     probability would be ``0.5 * p_per_sample``.) Uses numpy's global RNG like batchgenerators.
     """
 
-    def __init__(self, axes: Sequence[int] = (2,), p_per_sample: float = 0.3,
-                 data_key: str = "data", label_key: str = "seg") -> None:
+    def __init__(
+        self,
+        axes: Sequence[int] = (2,),
+        p_per_sample: float = 0.3,
+        data_key: str = "data",
+        label_key: str = "seg",
+    ) -> None:
         self.axes = tuple(int(a) for a in axes)
         self.p_per_sample = p_per_sample
         self.data_key = data_key

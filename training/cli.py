@@ -29,7 +29,9 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def build_parser(prog: str, modes: Sequence[str], default_mode: str, description: str) -> argparse.ArgumentParser:
+def build_parser(
+    prog: str, modes: Sequence[str], default_mode: str, description: str
+) -> argparse.ArgumentParser:
     """The flags of the original scripts plus what users need (every flag explained in ``--help``)."""
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter)
     groups = {name: p.add_argument_group(name) for name in GROUPS}
@@ -55,7 +57,9 @@ def build_parser(prog: str, modes: Sequence[str], default_mode: str, description
              "--predict is given alone) and/or 'test' (<dataset_dir>/<task>/imagesTs)",
     )  # fmt: skip
     groups[HARDWARE].add_argument(
-        "--no_progress", action="store_true", help="no progress bars (log lines still go to the console and train_log.txt)"
+        "--no_progress",
+        action="store_true",
+        help="no progress bars (log lines still go to the console and train_log.txt)",
     )
     return p
 
@@ -82,7 +86,9 @@ def prepare_runs(config: TrainConfig, resume_ckp: str = "", resume_epoch: int = 
         setup = setup_from_checkpoint(ckpt)
         trained_names = [setup.task_names[t] for t in setup.trained_tasks]
         if trained_names != config.tasks:
-            raise ValueError(f"--tasks {config.tasks} do not match the checkpoint's trained tasks {trained_names}")
+            raise ValueError(
+                f"--tasks {config.tasks} do not match the checkpoint's trained tasks {trained_names}"
+            )
         mode = ckpt["model_config"]["train_mode"]
         if mode != config.mode:
             raise ValueError(f"--trainMode {config.mode} but the checkpoint holds a {mode} model")
@@ -125,7 +131,9 @@ def predict_run(prep: Prepared, what: Sequence[str], *, progress: bool = True) -
     device = resolve_device(prep.config.device)
     model, ck_tasks = build_model_from_checkpoint(ckpt)
     model.to(device).eval()
-    settings = InferenceSettings(device=str(device), amp=resolve_amp(prep.config.amp, device), progress=progress)
+    settings = InferenceSettings(
+        device=str(device), amp=resolve_amp(prep.config.amp, device), progress=progress
+    )
     written: list[Path] = []
     for t in prep.setup.trained_tasks:
         task = prep.tasks[t]
@@ -178,12 +186,22 @@ def main(
         fit(prep, progress=progress)
         if args.predict:
             written = predict_run(prep, args.predict, progress=progress)
-            print(f"[{prog}] wrote {len(written)} prediction(s) to {prep.run_dir / 'predictions'}", file=sys.stderr)
+            print(
+                f"[{prog}] wrote {len(written)} prediction(s) to {prep.run_dir / 'predictions'}",
+                file=sys.stderr,
+            )
     return 0
 
 
 def script_main(prog: str, modes: Sequence[str], default_mode: str, description: str) -> None:
     """Entry point of the training scripts (their own process, so the CPU allocator may be tuned)."""
     raise SystemExit(
-        main(None, prog=prog, modes=modes, default_mode=default_mode, description=description, tune_cpu_allocator=True)
+        main(
+            None,
+            prog=prog,
+            modes=modes,
+            default_mode=default_mode,
+            description=description,
+            tune_cpu_allocator=True,
+        )
     )

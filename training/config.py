@@ -74,7 +74,9 @@ class TrainConfig:
         "initialisation); heads are always fresh",
         WHAT, metavar="TASK",
     )  # fmt: skip
-    fold: int = _opt(0, "cross-validation fold of --folds_file whose val cases are validated on", WHAT, type=int)
+    fold: int = _opt(
+        0, "cross-validation fold of --folds_file whose val cases are validated on", WHAT, type=int
+    )
     out_tag: str = _opt("", "tag of the output folder: <results_dir>/res_u2net3d_{mode}_{tag}/{tasks}", WHAT)
     base_channels: int = _opt(
         16, "channels of the first U-Net level (16 in the paper)", WHAT, flag="--base_outChans", type=int
@@ -87,9 +89,14 @@ class TrainConfig:
         DATA, metavar="JSON",
     )  # fmt: skip
     results_dir: str = _opt("results", "root of the run folders", DATA)
-    max_epoch: int = _opt(300, "epochs (training stops earlier when the LR drops below --lr_stop)", SCHEDULE, type=int)
+    max_epoch: int = _opt(
+        300, "epochs (training stops earlier when the LR drops below --lr_stop)", SCHEDULE, type=int
+    )
     steps_per_epoch: int = _opt(
-        300, "optimisation steps per epoch; shared/universal step k trains task (k-1) mod T", SCHEDULE, type=int
+        300,
+        "optimisation steps per epoch; shared/universal step k trains task (k-1) mod T",
+        SCHEDULE,
+        type=int,
     )
     batch_size: int | None = _opt(
         None,
@@ -114,20 +121,34 @@ class TrainConfig:
     )  # fmt: skip
     val_every: int = _opt(10, "validate every N epochs (0: only at the end)", SCHEDULE, type=int)
     val_from: int = _opt(100, "first epoch of periodic validation", SCHEDULE, type=int)
-    val_max_cases: int | None = _opt(None, "validate on at most N cases per task (default: all)", SCHEDULE, type=int)
-    val_postprocess: bool = _opt(True, "validate without post-processing", SCHEDULE, negate="--no_val_postprocess")
+    val_max_cases: int | None = _opt(
+        None, "validate on at most N cases per task (default: all)", SCHEDULE, type=int
+    )
+    val_postprocess: bool = _opt(
+        True, "validate without post-processing", SCHEDULE, negate="--no_val_postprocess"
+    )
     save_every: int = _opt(
-        5, "keep checkpoints/epoch_XXXX.pt every N epochs (latest.pt is written after every epoch)", SCHEDULE, type=int
+        5,
+        "keep checkpoints/epoch_XXXX.pt every N epochs (latest.pt is written after every epoch)",
+        SCHEDULE,
+        type=int,
     )
     lr: float = _opt(3e-4, "Adam learning rate", SCHEDULE, type=float)
     weight_decay: float = _opt(5e-4, "Adam weight decay (L2 added to the gradient)", SCHEDULE, type=float)
-    lr_window: int = _opt(20, "plateau rule: epochs in the moving average of the epoch losses", SCHEDULE, type=int)
+    lr_window: int = _opt(
+        20, "plateau rule: epochs in the moving average of the epoch losses", SCHEDULE, type=int
+    )
     lr_min_delta: float = _opt(
-        1e-4, "plateau rule: halve the LR when the moving average fell by less than this", SCHEDULE, type=float
+        1e-4,
+        "plateau rule: halve the LR when the moving average fell by less than this",
+        SCHEDULE,
+        type=float,
     )
     lr_factor: float = _opt(0.5, "plateau rule: factor applied to the LR on a plateau", SCHEDULE, type=float)
     lr_stop: float = _opt(1e-8, "stop training once the LR is below this", SCHEDULE, type=float)
-    augment: bool = _opt(True, "no elastic/rotation/scaling/mirroring augmentation", SCHEDULE, negate="--no_augment")
+    augment: bool = _opt(
+        True, "no elastic/rotation/scaling/mirroring augmentation", SCHEDULE, negate="--no_augment"
+    )
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)", HARDWARE)
     num_workers: int = _opt(
         2,
@@ -146,7 +167,10 @@ class TrainConfig:
         HARDWARE, choices=SWITCH_CHOICES,
     )  # fmt: skip
     fused_ops: str = _opt(
-        "auto", "hand-fused norm/depthwise kernels (auto: on for CPU without AMP)", HARDWARE, choices=SWITCH_CHOICES
+        "auto",
+        "hand-fused norm/depthwise kernels (auto: on for CPU without AMP)",
+        HARDWARE,
+        choices=SWITCH_CHOICES,
     )
     seed: int = _opt(1993, "NumPy / data loader seed (preset 1993)", HARDWARE, type=int)
     torch_seed: int = _opt(1, "torch seed for the weight initialisation (preset 1)", HARDWARE, type=int)
@@ -157,7 +181,10 @@ class TrainConfig:
         HARDWARE,
     )  # fmt: skip
     log_images_every: int = _opt(
-        0, "TensorBoard image/label/prediction slices of a training batch every N steps (0: off)", HARDWARE, type=int
+        0,
+        "TensorBoard image/label/prediction slices of a training batch every N steps (0: off)",
+        HARDWARE,
+        type=int,
     )
 
     def __post_init__(self) -> None:
@@ -267,7 +294,9 @@ def add_config_arguments(groups: Mapping[str, Any]) -> None:
             group.add_argument(meta["flag"] or f"--{f.name}", dest=f.name, action="store_true", default=default,
                                help=meta["help"])  # fmt: skip
         else:
-            group.add_argument(meta["flag"] or f"--{f.name}", dest=f.name, default=default, help=meta["help"], **kw)
+            group.add_argument(
+                meta["flag"] or f"--{f.name}", dest=f.name, default=default, help=meta["help"], **kw
+            )
 
 
 def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -131,7 +131,9 @@ def scan_cases(task: TaskData) -> dict[int, CaseInfo]:
 
 def epoch_seed(seed: int, epoch: int, task_idx: int) -> int:
     """Loader seed of ``task_idx`` in ``epoch``: a fixed function of the three numbers."""
-    return int(np.random.SeedSequence([int(seed), int(epoch), int(task_idx)]).generate_state(1)[0] % (2**31 - 1024))
+    return int(
+        np.random.SeedSequence([int(seed), int(epoch), int(task_idx)]).generate_state(1)[0] % (2**31 - 1024)
+    )
 
 
 def make_epoch_loader(

@@ -115,7 +115,11 @@ class TrainLoader:
             self._iterator = iter(stream)
         else:
             loader = DataLoader(
-                stream, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch, pin_memory=pin_memory
+                stream,
+                batch_size=None,
+                num_workers=num_workers,
+                prefetch_factor=prefetch,
+                pin_memory=pin_memory,
             )
             self._iterator = iter(loader)
 

@@ -30,7 +30,15 @@ from utils.checkpoint import restore_rng_state
 from utils.io_utils import atomic_write_json
 
 #: settings that must match between an interrupted run and its resumption for identical batches
-EXACT_RESUME_KEYS = ("seed", "num_workers", "steps_per_epoch", "batch_size", "patch_size", "model_patch", "augment")
+EXACT_RESUME_KEYS = (
+    "seed",
+    "num_workers",
+    "steps_per_epoch",
+    "batch_size",
+    "patch_size",
+    "model_patch",
+    "augment",
+)
 
 
 @dataclass
@@ -66,7 +74,9 @@ def _resume_warnings(old: dict[str, Any], new: TrainConfig) -> list[str]:
     out = []
     for k in EXACT_RESUME_KEYS:
         if k in old and old[k] != getattr(new, k):
-            out.append(f"{k} was {old[k]!r}, now {getattr(new, k)!r}: batches differ from the interrupted run")
+            out.append(
+                f"{k} was {old[k]!r}, now {getattr(new, k)!r}: batches differ from the interrupted run"
+            )
     return out
 
 
@@ -174,8 +184,14 @@ def _epochs(
         t0 = time.perf_counter()
         loaders = {
             t: make_epoch_loader(
-                tasks[t], t, epoch, batch_size=batch_size_for(config, tasks[t]), seed=config.seed,
-                model_patch=setup.model_patch, num_workers=config.num_workers, augment=config.augment,
+                tasks[t],
+                t,
+                epoch,
+                batch_size=batch_size_for(config, tasks[t]),
+                seed=config.seed,
+                model_patch=setup.model_patch,
+                num_workers=config.num_workers,
+                augment=config.augment,
                 pin_memory=device.type == "cuda",
             )  # fmt: skip
             for t in trained
@@ -252,7 +268,9 @@ def _epochs(
     return state
 
 
-def _validate_and_log(prep: Prepared, infer: InferenceSettings, state: TrainState, log: RunLog, epoch: int) -> bool:
+def _validate_and_log(
+    prep: Prepared, infer: InferenceSettings, state: TrainState, log: RunLog, epoch: int
+) -> bool:
     """Validate the trained tasks, log Dice (text, TensorBoard, CSV); returns whether this is the best."""
     config, tasks, setup = prep.config, prep.tasks, prep.setup
     t0 = time.perf_counter()
@@ -285,7 +303,10 @@ def _validate_and_log(prep: Prepared, infer: InferenceSettings, state: TrainStat
     if best:
         state.best_dice, state.best_epoch = md, epoch
     detail = "; ".join(
-        f"{name}: " + ", ".join(f"{tasks[setup.task_names.index(name)].class_names[int(c)]} {d:.3f}" for c, d in v.items())
+        f"{name}: "
+        + ", ".join(
+            f"{tasks[setup.task_names.index(name)].class_names[int(c)]} {d:.3f}" for c, d in v.items()
+        )
         for name, v in per_task.items()
     )
     log.info(f"validation after epoch {epoch}: mean Dice {md:.4f}{' (best)' if best else ''} [{detail}] "

@@ -33,7 +33,9 @@ def _target_to_long(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """
     if target.dim() == logits.dim():
         if target.shape[1] != 1:
-            raise ValueError(f"target with a channel axis must have 1 channel, got shape {tuple(target.shape)}")
+            raise ValueError(
+                f"target with a channel axis must have 1 channel, got shape {tuple(target.shape)}"
+            )
         target = target[:, 0]
     if target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}")

@@ -1,4 +1,4 @@
-"""Optimiser factory and the plateau learning-rate rule of the paper preset (REFERENCE.md, "Training")."""
+"""Optimiser factory and the plateau learning-rate rule of the paper preset (docs/paper_preset.md, "Training")."""
 
 from __future__ import annotations
 

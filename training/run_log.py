@@ -58,8 +58,15 @@ class RunLog:
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
 
-    def slices(self, tag: str, image: np.ndarray, label: np.ndarray, pred: np.ndarray | None, num_classes: int,
-               step: int) -> None:
+    def slices(
+        self,
+        tag: str,
+        image: np.ndarray,
+        label: np.ndarray,
+        pred: np.ndarray | None,
+        num_classes: int,
+        step: int,
+    ) -> None:
         """Image / ground truth / prediction of one axial slice side by side (grey values in [0, 1]).
 
         Args:

@@ -199,7 +199,9 @@ class PatchSampler:
         self.patch_size = _shape3(patch_size)
         self.extraction = _shape3(extraction or patch_size)
         if any(e < p or (e - p) % 2 for e, p in zip(self.extraction, self.patch_size, strict=True)):
-            raise ValueError(f"extraction {self.extraction} must be >= patch {self.patch_size} with even difference")
+            raise ValueError(
+                f"extraction {self.extraction} must be >= patch {self.patch_size} with even difference"
+            )
         self.jitter = _shape3(jitter if jitter is not None else safe_jitter(self.patch_size, None))
         self.small_label = small_label if small_label else None
         self.draws_per_case = draws_per_case
@@ -213,7 +215,9 @@ class PatchSampler:
         self.num_modalities = int(first.shape[0])
         self._info: dict[int, CaseInfo] = dict(case_info or {})
         self._warned_no_fg = False
-        self.rs = np.random.RandomState(np.random.SeedSequence([self.seed, int(worker_id)]).generate_state(1)[0])
+        self.rs = np.random.RandomState(
+            np.random.SeedSequence([self.seed, int(worker_id)]).generate_state(1)[0]
+        )
         self._order: list[int] = []
         self._current: int | None = None
         self._draws_left = 0

@@ -38,14 +38,20 @@ class TaskValidation:
 
 
 def task_segmenter(
-    model: U2Net3D, task: TaskData, task_idx: int, model_patch: Sequence[int] | None, settings: InferenceSettings
+    model: U2Net3D,
+    task: TaskData,
+    task_idx: int,
+    model_patch: Sequence[int] | None,
+    settings: InferenceSettings,
 ) -> Segmenter:
     """The predictor of one of the model's tasks (the model must be on ``settings.device``, in eval mode)."""
     mp = None if model_patch is None else (int(model_patch[0]), int(model_patch[1]), int(model_patch[2]))
     return Segmenter(TaskModel(model, task_idx, task.name, dict(task.plans), mp), settings)
 
 
-def _example_slices(case: str, pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _example_slices(
+    case: str, pred: np.ndarray, ref: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The axial slice with the most foreground: image (modality 0), reference, prediction."""
     counts = (ref > 0).sum(axis=(1, 2))
     z = int(np.argmax(counts)) if counts.any() else ref.shape[0] // 2
@@ -88,7 +94,9 @@ def validate(
     out = []
     try:
         for t in task_indices:
-            res = validate_task(task_segmenter(model, tasks[t], t, model_patch, settings), tasks[t], max_cases=max_cases)
+            res = validate_task(
+                task_segmenter(model, tasks[t], t, model_patch, settings), tasks[t], max_cases=max_cases
+            )
             if csv_dir is not None and res.rows:
                 write_metrics_csv(csv_dir / f"{tasks[t].name}.csv", res.rows)
             out.append(res)

@@ -1,6 +1,6 @@
 """Reading Medical Segmentation Decathlon (MSD) tasks: ``dataset.json`` and NIfTI images.
 
-Layout (REFERENCE.md, "Data")::
+Layout (docs/paper_preset.md, "Data")::
 
     <dataset_dir>/TaskXX_Name/dataset.json
     <dataset_dir>/TaskXX_Name/imagesTr/*.nii.gz   # 3D, or 4D with the modalities on the 4th axis
@@ -138,7 +138,9 @@ def find_tasks(dataset_dir: str | os.PathLike[str]) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith("Task") and (p / "dataset.json").is_file()
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("Task") and (p / "dataset.json").is_file()
     )
 
 
@@ -388,18 +390,21 @@ def check_same_geometry(
     """
     if image.size_zyx != label.size_zyx:
         raise DataError(
-            label_path, f"image and label differ in shape: image {image.size_zyx} vs label {label.size_zyx} (z, y, x)"
+            label_path,
+            f"image and label differ in shape: image {image.size_zyx} vs label {label.size_zyx} (z, y, x)",
         )
     sp_i, sp_l = np.asarray(image.spacing_xyz), np.asarray(label.spacing_xyz)
     if not np.allclose(sp_i, sp_l, rtol=rtol, atol=1e-6):
         raise DataError(
-            label_path, f"image and label differ in spacing: image {tuple(sp_i)} vs label {tuple(sp_l)} (x, y, z)"
+            label_path,
+            f"image and label differ in spacing: image {tuple(sp_i)} vs label {tuple(sp_l)} (x, y, z)",
         )
     o_i, o_l = np.asarray(image.origin_xyz), np.asarray(label.origin_xyz)
     tol = 0.01 + rtol * np.maximum(np.abs(o_i), sp_i)
     if np.any(np.abs(o_i - o_l) > tol):
         raise DataError(
-            label_path, f"image and label differ in origin: image {tuple(o_i)} vs label {tuple(o_l)} (x, y, z)"
+            label_path,
+            f"image and label differ in origin: image {tuple(o_i)} vs label {tuple(o_l)} (x, y, z)",
         )
     if not np.allclose(image.direction, label.direction, atol=direction_atol, rtol=0):
         raise DataError(
@@ -412,7 +417,7 @@ def check_same_geometry(
 def apply_label_map(label: np.ndarray, label_map: Mapping[int, int] | Mapping[str, int]) -> np.ndarray:
     """Map raw label values to the classes used; any value not in ``label_map`` becomes 0.
 
-    This is the label sanitation of REFERENCE.md: with the identity map of ``dataset.json``'s
+    This is the label sanitation of docs/paper_preset.md ("Preprocessing"): with the identity map of ``dataset.json``'s
     labels, stray values such as Hippocampus' 254 become background, and ``{0:0, 1:1, 2:1}``
     fuses a tumour label into its organ.
 

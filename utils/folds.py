@@ -37,7 +37,9 @@ def default_folds_file(prep_dir: str | os.PathLike[str]) -> Path:
     return Path(prep_dir) / FOLDS_FILE_NAME
 
 
-def make_folds(case_ids: Sequence[str], n_folds: int = N_FOLDS, seed: int = DEFAULT_SEED) -> list[dict[str, list[str]]]:
+def make_folds(
+    case_ids: Sequence[str], n_folds: int = N_FOLDS, seed: int = DEFAULT_SEED
+) -> list[dict[str, list[str]]]:
     """Split case ids into ``n_folds`` train/val folds; every case is in exactly one val set.
 
     With fewer cases than folds, fold ``k`` validates on case ``k mod n`` (a single case is

@@ -196,6 +196,7 @@ def evaluate_folder(
     Returns:
         (one row per case: ``case`` + metric keys, per-class means). Spacing is the reference's.
     """
+
     def _names(folder: str | os.PathLike[str]) -> list[str]:
         return sorted(
             n for n in os.listdir(folder) if n.endswith((".nii.gz", ".nii")) and not n.startswith(".")

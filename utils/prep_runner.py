@@ -122,7 +122,9 @@ def run_case(job: CaseJob) -> CaseResult:
     except DataError as e:
         return CaseResult(job.task, job.case_id, False, train, e.path, e.reason, time.perf_counter() - t0)
     except MemoryError:
-        return CaseResult(job.task, job.case_id, False, train, job.image, "out of memory", time.perf_counter() - t0)
+        return CaseResult(
+            job.task, job.case_id, False, train, job.image, "out of memory", time.perf_counter() - t0
+        )
     except Exception as e:  # noqa: BLE001 - one bad case must not stop the others
         reason = f"{type(e).__name__}: {e}"
         return CaseResult(job.task, job.case_id, False, train, job.image, reason, time.perf_counter() - t0)
@@ -238,7 +240,9 @@ def _finalise_task(run: TaskRun, failed_train: bool, folds_file: Path | None, lo
         return []
     all_done = len(done_ids) == len(run.task.training)
     if failed_train or not all_done:
-        log(f"{run.task.name}: fold splits not written, {len(run.task.training) - len(done_ids)} training case(s) missing")
+        log(
+            f"{run.task.name}: fold splits not written, {len(run.task.training) - len(done_ids)} training case(s) missing"
+        )
         return []
     return update_fold_file(folds_file, {run.task.name: done_ids})
 
@@ -344,7 +348,9 @@ def run_preprocessing(
     failed_train = {r.task for r in summary.failed if r.train}
     for run in runs:
         try:
-            added = _finalise_task(run, run.task.name in failed_train, Path(folds_file) if folds_file else None, log)
+            added = _finalise_task(
+                run, run.task.name in failed_train, Path(folds_file) if folds_file else None, log
+            )
         except (DataError, ValueError, OSError) as e:
             summary.task_errors[run.task.name] = f"finalising failed: {e}"
             log(f"FAILED task {run.task.name}: finalising: {e}")

@@ -1,4 +1,4 @@
-"""Per-case preprocessing (REFERENCE.md, "Preprocessing"), as plain typed functions.
+"""Per-case preprocessing (docs/paper_preset.md, "Preprocessing"), as plain typed functions.
 
 For one case:
 
@@ -124,7 +124,8 @@ def new_shape_for_spacing(
 ) -> tuple[int, int, int]:
     """Shape that covers the same physical extent at ``target_spacing_zyx`` (rounded, >= 1)."""
     return tuple(  # type: ignore[return-value]
-        max(1, int(round(n * s / t))) for n, s, t in zip(shape_zyx, spacing_zyx, target_spacing_zyx, strict=True)
+        max(1, int(round(n * s / t)))
+        for n, s, t in zip(shape_zyx, spacing_zyx, target_spacing_zyx, strict=True)
     )
 
 
@@ -291,7 +292,9 @@ def preprocess_arrays(
     if label is not None:
         if tuple(label.shape) != tuple(image.shape[1:]):
             raise ValueError(f"label shape {label.shape} differs from image shape {image.shape[1:]}")
-        mapped = apply_label_map(crop_to_box(label, box), {int(k): int(v) for k, v in plans["label_map"].items()})
+        mapped = apply_label_map(
+            crop_to_box(label, box), {int(k): int(v) for k, v in plans["label_map"].items()}
+        )
         lab_out = resample_volume(mapped, geometry.spacing_zyx, new_shape, is_label=True).astype(np.uint8)
         sidecar["class_voxels"] = label_class_voxels(lab_out, int(plans["num_classes"]))
     return out, weight, lab_out, sidecar

@@ -2,7 +2,7 @@
 
 A task's settings end up in its ``plans.json`` (keys in ``docs/formats.md``). They come from:
 
-1. the table :data:`PRESETS` (REFERENCE.md, "Per-task settings of the paper preset"), matched by
+1. the table :data:`PRESETS` (docs/paper_preset.md, "Per-task settings"), matched by
    the task folder name or, failing that, by the part after ``TaskXX_`` (so ``Task104_Hippocampus``
    gets the Hippocampus row). A row may be partial: the fields it leaves ``None`` are derived;
 2. derivation from the data, the nnU-Net way: target spacing = median spacing of the training
@@ -53,7 +53,7 @@ DEFAULT_MAX_POOLS = 5
 #: largest derived batch size
 DEFAULT_MAX_BATCH = 8
 
-#: intensity normalisation of REFERENCE.md "Preprocessing" steps 3-4, exactly as the paper
+#: intensity normalisation of docs/paper_preset.md, "Preprocessing", steps 3-4, exactly as the paper
 #: (``zero_mask: "none"``: the weight map and the z-score use whatever the B-spline gives)
 NORMALISATION: Mapping[str, Any] = MappingProxyType(
     {"clip_percentiles": (2, 98), "ct_clip_min": -1024, "zscore": "nonzero", "zero_mask": "none"}
@@ -93,7 +93,7 @@ class TaskPreset:
 
 _FUSE_2_INTO_1 = ((0, 0), (1, 1), (2, 1))
 
-#: The settings table. Paper rows: REFERENCE.md; demo rows (``demo.data``) only fix the
+#: The settings table. Paper rows: docs/paper_preset.md; demo rows (``demo.data``) only fix the
 #: label fusion and post-processing, so their spacing/patch/pools go through the derivation.
 PRESETS: Mapping[str, TaskPreset] = MappingProxyType(
     {
@@ -160,7 +160,8 @@ def estimate_resampled_shape(
 ) -> tuple[int, int, int]:
     """Shape after resampling to ``target_spacing_zyx`` (same physical extent, rounded, >= 1)."""
     return tuple(  # type: ignore[return-value]
-        max(1, int(round(n * s / t))) for n, s, t in zip(shape_zyx, spacing_zyx, target_spacing_zyx, strict=True)
+        max(1, int(round(n * s / t)))
+        for n, s, t in zip(shape_zyx, spacing_zyx, target_spacing_zyx, strict=True)
     )
 
 
@@ -334,7 +335,10 @@ def build_plans(
         med_shape = median_shape(resampled_shapes_zyx)
     elif case_shapes_zyx:
         med_shape = median_shape(
-            [estimate_resampled_shape(sh, sp, spacing) for sh, sp in zip(case_shapes_zyx, case_spacings_zyx, strict=True)]
+            [
+                estimate_resampled_shape(sh, sp, spacing)
+                for sh, sp in zip(case_shapes_zyx, case_spacings_zyx, strict=True)
+            ]
         )
     else:
         med_shape = (0, 0, 0)
