@@ -16,24 +16,37 @@ project (NIfTI headers store x, y, z). Unreadable cases get an ``error`` entry a
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from utils.decathlon import CaseEntry, DataError, find_tasks, load_task
+from utils.decathlon import CaseEntry, DataError, find_tasks, load_nifti, load_task
+from utils.io_utils import atomic_write_csv
 
 CASE_COLUMNS = [
-    "task", "case", "image_file", "n_modalities", "dim_z", "dim_y", "dim_x",
-    "spacing_z", "spacing_y", "spacing_x", "datatype", "scl_slope", "scl_inter",
-    "label_voxels", "smallest_label", "smallest_label_voxels", "error",
-]  # fmt: skip
+    "task",
+    "case",
+    "image_file",
+    "n_modalities",
+    "dim_z",
+    "dim_y",
+    "dim_x",
+    "spacing_z",
+    "spacing_y",
+    "spacing_x",
+    "datatype",
+    "scl_slope",
+    "scl_inter",
+    "label_voxels",
+    "smallest_label",
+    "smallest_label_voxels",
+    "error",
+]
 STAT_QUANTITIES = ["dim_z", "dim_y", "dim_x", "spacing_z", "spacing_y", "spacing_x", "smallest_label_voxels"]
 
 
@@ -48,8 +61,7 @@ def explore_case(task: str, case: CaseEntry, labels: dict[int, str]) -> dict[str
     try:
         if not case.image.is_file():
             raise DataError(case.image, "file not found")
-        img = nib.load(str(case.image))
-        hdr = img.header
+        hdr = load_nifti(case.image).header
         shape = hdr.get_data_shape()
         zooms = hdr.get_zooms()
         if len(shape) < 3:
@@ -57,15 +69,20 @@ def explore_case(task: str, case: CaseEntry, labels: dict[int, str]) -> dict[str
         slope, inter = hdr.get_slope_inter()
         row.update(
             n_modalities=int(shape[3]) if len(shape) > 3 else 1,
-            dim_z=int(shape[2]), dim_y=int(shape[1]), dim_x=int(shape[0]),
-            spacing_z=round(float(zooms[2]), 5), spacing_y=round(float(zooms[1]), 5),
+            dim_z=int(shape[2]),
+            dim_y=int(shape[1]),
+            dim_x=int(shape[0]),
+            spacing_z=round(float(zooms[2]), 5),
+            spacing_y=round(float(zooms[1]), 5),
             spacing_x=round(float(zooms[0]), 5),
-            datatype=str(hdr.get_data_dtype()), scl_slope=_fmt_scale(slope), scl_inter=_fmt_scale(inter),
-        )  # fmt: skip
+            datatype=str(hdr.get_data_dtype()),
+            scl_slope=_fmt_scale(slope),
+            scl_inter=_fmt_scale(inter),
+        )
         if case.label is None or not case.label.is_file():
             raise DataError(case.label or case.image, "label file not found")
         try:
-            lab = np.asanyarray(nib.load(str(case.label)).dataobj)
+            lab = np.asanyarray(load_nifti(case.label).dataobj)
         except Exception as e:  # noqa: BLE001 - truncated/corrupt label
             raise DataError(case.label, f"cannot read label ({type(e).__name__}: {e})") from e
         values, counts = np.unique(np.rint(lab).astype(np.int64), return_counts=True)
@@ -96,11 +113,15 @@ def task_stats(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             out.append(
                 {
-                    "task": task, "quantity": q, "n": int(vals.size),
-                    "min": round(float(vals.min()), 4), "max": round(float(vals.max()), 4),
-                    "mean": round(float(vals.mean()), 4), "median": round(float(np.median(vals)), 4),
+                    "task": task,
+                    "quantity": q,
+                    "n": int(vals.size),
+                    "min": round(float(vals.min()), 4),
+                    "max": round(float(vals.max()), 4),
+                    "mean": round(float(vals.mean()), 4),
+                    "median": round(float(np.median(vals)), 4),
                 }
-            )  # fmt: skip
+            )
     return out
 
 
@@ -122,8 +143,18 @@ def format_summary(rows: Sequence[dict[str, Any]], stats: Sequence[dict[str, Any
             return "-"
         return "x".join(format(v, fmt) for v in lo) + " .. " + "x".join(format(v, fmt) for v in hi)
 
-    header = ["task", "cases", "mod", "median dims zyx", "dims range", "median spacing zyx", "spacing range",
-              "dtype", "smallest lbl (median)", "errors"]  # fmt: skip
+    header = [
+        "task",
+        "cases",
+        "mod",
+        "median dims zyx",
+        "dims range",
+        "median spacing zyx",
+        "spacing range",
+        "dtype",
+        "smallest lbl (median)",
+        "errors",
+    ]
     table = [header]
     for task in sorted({r["task"] for r in rows}):
         rs = [r for r in rows if r["task"] == task]
@@ -133,28 +164,22 @@ def format_summary(rows: Sequence[dict[str, Any]], stats: Sequence[dict[str, Any
         smallest = next(s for s in stats if s["task"] == task and s["quantity"] == "smallest_label_voxels")
         table.append(
             [
-                task, str(len(rs)), ",".join(mods) or "-",
-                cell(task, ["dim_z", "dim_y", "dim_x"], ".0f"), rng(task, ["dim_z", "dim_y", "dim_x"], ".0f"),
+                task,
+                str(len(rs)),
+                ",".join(mods) or "-",
+                cell(task, ["dim_z", "dim_y", "dim_x"], ".0f"),
+                rng(task, ["dim_z", "dim_y", "dim_x"], ".0f"),
                 cell(task, ["spacing_z", "spacing_y", "spacing_x"], ".3g"),
                 rng(task, ["spacing_z", "spacing_y", "spacing_x"], ".3g"),
-                ",".join(dtypes) or "-", "-" if smallest["n"] == 0 else f"{smallest['median']:.0f}",
+                ",".join(dtypes) or "-",
+                "-" if smallest["n"] == 0 else f"{smallest['median']:.0f}",
                 str(len(rs) - len(good)),
             ]
-        )  # fmt: skip
+        )
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def explore_dataset(
@@ -164,7 +189,7 @@ def explore_dataset(
     task_dirs = find_tasks(dataset_dir)
     if tasks:
         task_dirs = [p for p in task_dirs if p.name in set(tasks)]
-    jobs = []
+    jobs: list[tuple[str, CaseEntry, dict[int, str]]] = []
     for td in task_dirs:
         t = load_task(td)
         jobs.extend((t.name, c, dict(t.labels)) for c in t.training)
@@ -200,8 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no training cases found in Task* folders of {args.dataset_dir}", file=sys.stderr)
         return 2
     out = Path(args.out_dir)
-    _write_csv(out / "meta_per_case.csv", rows, CASE_COLUMNS)
-    _write_csv(out / "stats_per_task.csv", stats, ["task", "quantity", "n", "min", "max", "mean", "median"])
+    atomic_write_csv(out / "meta_per_case.csv", CASE_COLUMNS, rows)
+    atomic_write_csv(
+        out / "stats_per_task.csv", ["task", "quantity", "n", "min", "max", "mean", "median"], stats
+    )
     print(format_summary(rows, stats))
     errors = [r for r in rows if r["error"]]
     for r in errors:

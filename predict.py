@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from inference.predictor import Segmenter, TaskModel
-from inference.settings import InferenceSettings
+from inference.settings import UNIFIED_MODES, WEIGHT_MODES, InferenceSettings
 from models.runtime import AMP_MODES, keep_freed_memory_in_heap, resolve_amp, resolve_device
 from utils.checkpoint import CheckpointError
 
@@ -40,40 +40,87 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] + " See docs/inference.md.",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--ckp", required=True, metavar="CKPT",
-                   help="checkpoint file written by training (model settings, task plans and weights)")  # fmt: skip
-    p.add_argument("--task", default=None, metavar="NAME",
-                   help="task to segment, as named in the checkpoint (e.g. Task04_Hippocampus); "
-                        "may be left out when the checkpoint holds a single task")  # fmt: skip
-    p.add_argument("--input", required=True, nargs="+", metavar="DIR_OR_FILE",
-                   help="NIfTI images (.nii.gz/.nii) and/or folders of them (hidden ._* files are skipped)")  # fmt: skip
-    p.add_argument("--output", required=True, metavar="DIR",
-                   help="output folder (created if missing); one label map per input, same file name")  # fmt: skip
-    p.add_argument("--device", default=DEFAULTS.device,
-                   help="where the model runs: cpu, cuda, cuda:N or auto; the class-score accumulator always "
-                        "stays in CPU memory")  # fmt: skip
-    p.add_argument("--tta", action="store_true",
-                   help="mirror test-time augmentation: average over the 8 flips of z, y, x (8x slower; "
-                        "off in the paper preset)")  # fmt: skip
-    p.add_argument("--no_postprocess", action="store_true",
-                   help="skip post-processing (closing, largest component(s), removal outside the body)")  # fmt: skip
+    p.add_argument(
+        "--ckp",
+        required=True,
+        metavar="CKPT",
+        help="checkpoint file written by training (model settings, task plans and weights)",
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        metavar="NAME",
+        help="task to segment, as named in the checkpoint (e.g. Task04_Hippocampus); "
+        "may be left out when the checkpoint holds a single task",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="DIR_OR_FILE",
+        help="NIfTI images (.nii.gz/.nii) and/or folders of them (hidden ._* files are skipped)",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="output folder (created if missing); one label map per input, same file name",
+    )
+    p.add_argument(
+        "--device",
+        default=DEFAULTS.device,
+        help="where the model runs: cpu, cuda, cuda:N or auto; the class-score accumulator always "
+        "stays in CPU memory",
+    )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="mirror test-time augmentation: average over the 8 flips of z, y, x (8x slower; "
+        "off in the paper preset)",
+    )
+    p.add_argument(
+        "--no_postprocess",
+        action="store_true",
+        help="skip post-processing (closing, largest component(s), removal outside the body)",
+    )
     p.add_argument(
         "--batch_size", type=int, default=DEFAULTS.batch_size, help="sliding-window patches per forward pass"
     )
-    p.add_argument("--step_fraction", type=float, default=DEFAULTS.step_fraction,
-                   help="window step as a fraction of the patch (0.5 = half a patch, the paper)")  # fmt: skip
-    p.add_argument("--weight_mode", default=DEFAULTS.weight_mode, choices=["linear", "gaussian", "constant"],
-                   help="patch blending weights: 'linear' = 1 at the patch centre falling linearly to ~0 "
-                        "at the corners (paper); 'gaussian'; 'constant' = plain average")  # fmt: skip
-    p.add_argument("--unified_mode", default=DEFAULTS.unified_mode, choices=["volume", "patch"],
-                   help="shared/universal checkpoints whose model patch differs from the task patch: "
-                        "'volume' scales the whole image by model/task patch (paper), 'patch' resizes "
-                        "each window; ignored otherwise")  # fmt: skip
-    p.add_argument("--amp", nargs="?", const="auto", default=DEFAULTS.amp, choices=AMP_MODES,
-                   help="mixed precision autocast: --amp alone = auto (bfloat16 where supported, else float16 "
-                        "on CUDA); off = fp32 (the paper preset)")  # fmt: skip
-    p.add_argument("--fp16_accumulator", action="store_true",
-                   help="keep the blended class scores in float16 (halves that memory; for huge CT volumes)")  # fmt: skip
+    p.add_argument(
+        "--step_fraction",
+        type=float,
+        default=DEFAULTS.step_fraction,
+        help="window step as a fraction of the patch (0.5 = half a patch, the paper)",
+    )
+    p.add_argument(
+        "--weight_mode",
+        default=DEFAULTS.weight_mode,
+        choices=WEIGHT_MODES,
+        help="patch blending weights: 'linear' = 1 at the patch centre falling linearly to ~0 "
+        "at the corners (paper); 'gaussian'; 'constant' = plain average",
+    )
+    p.add_argument(
+        "--unified_mode",
+        default=DEFAULTS.unified_mode,
+        choices=UNIFIED_MODES,
+        help="shared/universal checkpoints whose model patch differs from the task patch: "
+        "'volume' scales the whole image by model/task patch (paper), 'patch' resizes "
+        "each window; ignored otherwise",
+    )
+    p.add_argument(
+        "--amp",
+        nargs="?",
+        const="auto",
+        default=DEFAULTS.amp,
+        choices=AMP_MODES,
+        help="mixed precision autocast: --amp alone = auto (bfloat16 where supported, else float16 "
+        "on CUDA); off = fp32 (the paper preset)",
+    )
+    p.add_argument(
+        "--fp16_accumulator",
+        action="store_true",
+        help="keep the blended class scores in float16 (halves that memory; for huge CT volumes)",
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 

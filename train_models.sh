@@ -69,7 +69,7 @@ demo() {
     mkdir -p "$logs"
     stamp() { printf '[demo %3ds] %s\n' "$((SECONDS - t0))" "$*"; }
     # every run: small model (base 8), 32³ model patch, 3 pools, batch 2, lr 3e-3, one validation at the end
-    local common=(--prep_dir "$DEMO_PREP" --folds_file "$DEMO_RES/fold_splits.json" --results_dir "$DEMO_RES"
+    local common=(--prep_dir "$DEMO_PREP" --results_dir "$DEMO_RES"
         --dataset_dir "$DEMO_DATA" --base_outChans 8 --batch_size 2 --lr "${DEMO_LR:-3e-3}" --val_every 0 --save_every 1000
         --num_workers 0 --threads 1 --device cpu --log_images_every 200 --no_progress)
     local multi=(--model_patch 32 32 32 --pools 3 3 3 --max_epoch "${DEMO_EPOCHS_MULTI:-4}" --steps_per_epoch 150)
@@ -80,8 +80,8 @@ demo() {
     stamp "data_explore.py"
     "$PY" data_explore.py --dataset_dir "$DEMO_DATA" --out_dir "$DEMO_RES/data_explore" --no_progress > "$logs/data_explore.log"
     stamp "preprocess_taskSep.py -> $DEMO_PREP/"
-    "$PY" preprocess_taskSep.py --dataset_dir "$DEMO_DATA" --prep_dir "$DEMO_PREP" --folds_file "$DEMO_RES/fold_splits.json" \
-        --nProc 2 --no_progress > "$logs/preprocess.log"
+    "$PY" preprocess_taskSep.py --dataset_dir "$DEMO_DATA" --prep_dir "$DEMO_PREP" --nProc 2 --no_progress \
+        > "$logs/preprocess.log"
 
     # two training processes at a time (one thread each): the 2 cores stay busy
     stamp "training independent models (log $logs/independent.log) and the universal model ($logs/universal.log)"

@@ -42,10 +42,16 @@ def make_model(name: str, base: int) -> tuple[torch.nn.Module, Callable[[torch.T
         from monai.networks.nets import DynUNet  # optional dependency, only for this comparison
 
         net = DynUNet(
-            spatial_dims=3, in_channels=1, out_channels=2,
-            kernel_size=[3, 3, 3, 3, 3], strides=[1, 2, 2, 2, 2], upsample_kernel_size=[2, 2, 2, 2],
-            filters=[base, 2 * base, 4 * base, 8 * base, 16 * base], norm_name="instance", res_block=True,
-        )  # fmt: skip
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=2,
+            kernel_size=[3, 3, 3, 3, 3],
+            strides=[1, 2, 2, 2, 2],
+            upsample_kernel_size=[2, 2, 2, 2],
+            filters=[base, 2 * base, 4 * base, 8 * base, 16 * base],
+            norm_name="instance",
+            res_block=True,
+        )
         net.eval()
         return net, lambda x, t: net(x)
     if name == "u2net":
@@ -68,8 +74,12 @@ def speed(args: argparse.Namespace) -> None:
     monai_net = net if args.model == "dynunet" else (lambda x: net(x, 0))
 
     def ours() -> np.ndarray:  # the same input as MONAI's: the volume already on the device
-        settings = InferenceSettings(batch_size=args.batch_size, device=str(dev), accum_device=args.accum_device,
-                                     amp="auto" if args.amp else "off")  # fmt: skip
+        settings = InferenceSettings(
+            batch_size=args.batch_size,
+            device=str(dev),
+            accum_device=args.accum_device,
+            amp="auto" if args.amp else "off",
+        )
         return sliding_window(predictor, vol_dev[0], 0, patch, settings)
 
     def monai() -> np.ndarray:
@@ -93,14 +103,20 @@ def speed(args: argparse.Namespace) -> None:
     logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
     t_argmax = time.perf_counter() - t0
     mo, mm = float(np.median(t_ours)), float(np.median(t_monai))
-    print(f"model={args.model} base={args.base} device={dev} threads={torch.get_num_threads()} amp={args.amp} "
-          f"volume=1x1x128x160x160 patch=64^3 overlap=0.5 batch={args.batch_size} monai_mode={args.monai_mode} "
-          f"our accumulator on {args.accum_device}")  # fmt: skip
+    print(
+        f"model={args.model} base={args.base} device={dev} threads={torch.get_num_threads()} amp={args.amp} "
+        f"volume=1x1x128x160x160 patch=64^3 overlap=0.5 batch={args.batch_size} monai_mode={args.monai_mode} "
+        f"our accumulator on {args.accum_device}"
+    )
     print(f"ours (labels)  : median {mo:.2f} s  runs {[round(t, 2) for t in t_ours]}")
-    print(f"MONAI (labels) : median {mm:.2f} s  runs {[round(t, 2) for t in t_monai]}"
-          f"  (of which logits.argmax {t_argmax:.2f} s)")  # fmt: skip
-    print(f"ratio ours/MONAI = {mo / mm:.3f}; against MONAI's logits alone {mo / max(mm - t_argmax, 1e-9):.3f}"
-          f"   (label agreement {agree:.4f})")  # fmt: skip
+    print(
+        f"MONAI (labels) : median {mm:.2f} s  runs {[round(t, 2) for t in t_monai]}"
+        f"  (of which logits.argmax {t_argmax:.2f} s)"
+    )
+    print(
+        f"ratio ours/MONAI = {mo / mm:.3f}; against MONAI's logits alone {mo / max(mm - t_argmax, 1e-9):.3f}"
+        f"   (label agreement {agree:.4f})"
+    )
 
 
 def memory_child(
@@ -115,9 +131,10 @@ def memory_child(
         w = torch.tensor([1.0, -1.0], device=dev).view(1, 2, 1, 1, 1)
         b = torch.tensor([0.0, 0.1], device=dev).view(1, 2, 1, 1, 1)
 
-        def predictor(x: torch.Tensor, t: int) -> torch.Tensor:
+        def pointwise(x: torch.Tensor, t: int) -> torch.Tensor:
             return x * w + b
 
+        predictor: Callable[[torch.Tensor, int], torch.Tensor] = pointwise
     else:
         net, predictor = make_model(model, base)
         net.to(dev)
@@ -133,33 +150,55 @@ def memory_child(
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     gpu = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0
-    print(json.dumps({"baseline_mib": base_rss, "peak_mib": peak, "gpu_peak_mib": gpu, "seconds": dt,
-                      "label_shape": list(label.shape)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "baseline_mib": base_rss,
+                "peak_mib": peak,
+                "gpu_peak_mib": gpu,
+                "seconds": dt,
+                "label_shape": list(label.shape),
+            }
+        )
+    )
 
 
 def memory(args: argparse.Namespace) -> None:
     shape = (400, 512, 512)
     nvox = int(np.prod(shape))
-    variants = [("", None)]
+    variants: list[tuple[str, dict[str, str] | None]] = [("", None)]
     if args.fixed_mmap_threshold:  # glibc's dynamic mmap threshold keeps freed batch buffers in the heap
         variants.append(
             (" MALLOC_MMAP_THRESHOLD_=1048576", {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"})
         )
     for accum in args.accum:
         for label, env in variants:
-            cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", accum, "--mem-patch",
-                   str(args.mem_patch), "--mem-device", args.mem_device, "--mem-model", args.mem_model,
-                   "--base", str(args.base)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--memory-child",
+                accum,
+                "--mem-patch",
+                str(args.mem_patch),
+                "--mem-device",
+                args.mem_device,
+                "--mem-model",
+                args.mem_model,
+                "--base",
+                str(args.base),
+            ]
             res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
             r = json.loads(res.stdout.strip().splitlines()[-1])
             bytes_acc = 2 if accum == "float16" else 4
             gpu = f", GPU peak allocated {r['gpu_peak_mib']:.0f} MiB" if args.mem_device == "cuda" else ""
-            print(f"memory 512x512x400 (z=400), 2 classes, model {args.mem_model} on {args.mem_device}, patch "
-                  f"{args.mem_patch}^3, accumulator {accum} on cpu{label}: peak RSS {r['peak_mib']:.0f} MiB, of "
-                  f"which {r['peak_mib'] - r['baseline_mib']:.0f} MiB above the process with the input volume "
-                  f"loaded ({r['baseline_mib']:.0f} MiB; the float32 image alone is {nvox * 4 / 2**20:.0f} MiB); "
-                  f"accumulator {2 * nvox * bytes_acc / 2**20:.0f} MiB, label map {nvox / 2**20:.0f} MiB{gpu}; "
-                  f"{r['seconds']:.1f} s")  # fmt: skip
+            print(
+                f"memory 512x512x400 (z=400), 2 classes, model {args.mem_model} on {args.mem_device}, patch "
+                f"{args.mem_patch}^3, accumulator {accum} on cpu{label}: peak RSS {r['peak_mib']:.0f} MiB, of "
+                f"which {r['peak_mib'] - r['baseline_mib']:.0f} MiB above the process with the input volume "
+                f"loaded ({r['baseline_mib']:.0f} MiB; the float32 image alone is {nvox * 4 / 2**20:.0f} MiB); "
+                f"accumulator {2 * nvox * bytes_acc / 2**20:.0f} MiB, label map {nvox / 2**20:.0f} MiB{gpu}; "
+                f"{r['seconds']:.1f} s"
+            )
 
 
 def main() -> None:
@@ -172,17 +211,29 @@ def main() -> None:
         "--monai-mode", default="constant", choices=["constant", "gaussian"], help="MONAI blending"
     )
     p.add_argument("--mem-patch", type=int, default=128, help="patch edge for the memory run")
-    p.add_argument("--accum", nargs="+", default=["float32"], choices=["float32", "float16"],
-                   help="accumulator dtypes for the memory run")  # fmt: skip
+    p.add_argument(
+        "--accum",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "float16"],
+        help="accumulator dtypes for the memory run",
+    )
     p.add_argument("--device", default="cpu", help="device of the speed run (cpu or cuda)")
     p.add_argument("--accum-device", default="cpu", help="where our accumulator lives in the speed run")
     p.add_argument("--amp", action="store_true", help="autocast in the speed run (both)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--mem-device", default="cpu", help="device of the model in the memory run")
-    p.add_argument("--mem-model", default="pointwise", choices=["pointwise", "u2net", "dynunet"],
-                   help="model of the memory run (pointwise: a 1x1x1 linear map, so only our buffers count)")  # fmt: skip
-    p.add_argument("--fixed-mmap-threshold", action="store_true",
-                   help="also measure memory with glibc's MALLOC_MMAP_THRESHOLD_=1 MiB")  # fmt: skip
+    p.add_argument(
+        "--mem-model",
+        default="pointwise",
+        choices=["pointwise", "u2net", "dynunet"],
+        help="model of the memory run (pointwise: a 1x1x1 linear map, so only our buffers count)",
+    )
+    p.add_argument(
+        "--fixed-mmap-threshold",
+        action="store_true",
+        help="also measure memory with glibc's MALLOC_MMAP_THRESHOLD_=1 MiB",
+    )
     p.add_argument("--skip-speed", action="store_true", help="only the memory run")
     p.add_argument("--skip-memory", action="store_true", help="only the speed run")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)

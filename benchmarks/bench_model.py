@@ -78,7 +78,7 @@ def run_one(
         model = build_model(mode, FIVE_MODALITIES, FIVE_CLASSES, module=module, base_channels=base)
     model.set_fused_ops(fused)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=fmt)
+    model = model.to(device=device, memory_format=fmt)  # type: ignore[call-overload]  # torch's Module.to stubs lack memory_format
     x = torch.randn(batch, 1, *patch, device=device).contiguous(memory_format=fmt)
     target = torch.randint(0, 2, (batch, *patch), device=device)
     opt = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=5e-4)

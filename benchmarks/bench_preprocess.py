@@ -34,6 +34,7 @@ from utils.decathlon import check_nifti_integrity, read_image, read_label  # noq
 from utils.prep_runner import run_preprocessing  # noqa: E402
 from utils.preprocessing import preprocess_arrays, save_case  # noqa: E402
 from utils.task_settings import NORMALISATION  # noqa: E402
+from utils.triples import int3  # noqa: E402
 
 
 def ct_like_case(folder: Path, shape_zyx: tuple[int, int, int], seed: int = 0) -> tuple[Path, Path]:
@@ -63,9 +64,13 @@ def ct_like_case(folder: Path, shape_zyx: tuple[int, int, int], seed: int = 0) -
 def one_case(img: Path, lab: Path, target: tuple[float, float, float], out: Path) -> dict[str, float]:
     """Time the phases of one case."""
     plans = {
-        "modalities": ["CT"], "is_ct": True, "label_map": {"0": 0, "1": 1}, "num_classes": 2,
-        "target_spacing": list(target), "normalisation": dict(NORMALISATION),
-    }  # fmt: skip
+        "modalities": ["CT"],
+        "is_ct": True,
+        "label_map": {"0": 0, "1": 1},
+        "num_classes": 2,
+        "target_spacing": list(target),
+        "normalisation": dict(NORMALISATION),
+    }
     t = {}
     t0 = time.perf_counter()
     check_nifti_integrity(img)
@@ -92,9 +97,11 @@ def main() -> int:
         "--work", default=None, help="scratch folder (default: a temporary folder, removed afterwards)"
     )
     ap.add_argument(
-        "--sizes", nargs="+", default=["64x128x128", "100x256x256", "200x512x512"],
+        "--sizes",
+        nargs="+",
+        default=["64x128x128", "100x256x256", "200x512x512"],
         help="CT-like volumes as ZxYxX (default: 64x128x128 100x256x256 200x512x512)",
-    )  # fmt: skip
+    )
     ap.add_argument("--skip_demo", action="store_true", help="skip the demo-task throughput part")
     ap.add_argument(
         "--liver", action="store_true", help="also time the Liver preset target spacing (1, 0.77, 0.77)"
@@ -124,10 +131,10 @@ def main() -> int:
         print(header)
         targets = [(2.5, 0.8, 0.8)] + ([(1.0, 0.77, 0.77)] if args.liver else [])
         for spec in args.sizes:
-            shape = tuple(int(v) for v in spec.lower().split("x"))
+            shape = int3(spec.lower().split("x"))
             folder = work / f"ct_{spec}"
             folder.mkdir(exist_ok=True)
-            img, lab = ct_like_case(folder, shape)  # type: ignore[arg-type]
+            img, lab = ct_like_case(folder, shape)
             for target in targets:
                 t = one_case(img, lab, target, folder / "out")
                 print(

@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from models import build_model  # noqa: E402
+from models import U2Net3D, build_model  # noqa: E402
 from tests.synthetic import make_synthetic_task  # noqa: E402
 from training.data import TaskData, make_epoch_loader, scan_cases  # noqa: E402
 from training.losses import SegmentationLoss  # noqa: E402
@@ -62,8 +62,18 @@ def make_tasks(root: Path, *, smoke: bool, cases: int) -> list[TaskData]:
         if smoke:
             patch, pools = (8, 16, 16) if mods == 2 else (16, 16, 16), (2, 2, 2)
         shape = [p + max(8, p // 4) for p in patch]
-        plans, _ = make_synthetic_task(root, name, num_modalities=mods, num_classes=classes, shape=shape,
-                                       patch=patch, pools=pools, n_train=cases, n_val=0, seed=i)  # fmt: skip
+        plans, _ = make_synthetic_task(
+            root,
+            name,
+            num_modalities=mods,
+            num_classes=classes,
+            shape=shape,
+            patch=patch,
+            pools=pools,
+            n_train=cases,
+            n_val=0,
+            seed=i,
+        )
         tasks.append(TaskData(name, plans, root / name, list_cases(root / name), []))
     return tasks
 
@@ -75,7 +85,7 @@ def sync(device: torch.device) -> None:
 
 def run_config(
     label: str,
-    model: torch.nn.Module,
+    model: U2Net3D,
     tasks: list[TaskData],
     *,
     model_patch: tuple[int, int, int] | None,
@@ -89,8 +99,8 @@ def run_config(
 ) -> dict[str, Any]:
     model.to(device)
     if channels_last:
-        model.to(memory_format=torch.channels_last_3d)
-    model.set_fused_ops(device.type == "cpu" and amp_dtype is None)  # type: ignore[operator]
+        model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's Module.to stubs lack memory_format
+    model.set_fused_ops(device.type == "cpu" and amp_dtype is None)
     model.train()
     opt = make_optimizer(model.parameters())
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -98,8 +108,10 @@ def run_config(
     options = StepOptions(device, amp_dtype, channels_last)
     for t in tasks:
         scan_cases(t)
-    loaders = [make_epoch_loader(t, i, 1, batch_size=batch, seed=1993, model_patch=model_patch,
-                                 num_workers=workers) for i, t in enumerate(tasks)]  # fmt: skip
+    loaders = [
+        make_epoch_loader(t, i, 1, batch_size=batch, seed=1993, model_patch=model_patch, num_workers=workers)
+        for i, t in enumerate(tasks)
+    ]
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -169,11 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--workers", type=int, default=3, help="loader worker processes per task")
     ap.add_argument("--cases", type=int, default=2, help="synthetic training cases per task")
-    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16"],
-                    help="AMP dtype of the --amp runs (auto: bf16 where supported, else fp16)")  # fmt: skip
-    ap.add_argument("--configs", nargs="+", default=["universal_fp32", "universal_amp", "independent_fp32"],
-                    choices=["universal_fp32", "universal_amp", "independent_fp32", "independent_amp"],
-                    help="which configurations to run")  # fmt: skip
+    ap.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "bf16", "fp16"],
+        help="AMP dtype of the --amp runs (auto: bf16 where supported, else fp16)",
+    )
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=["universal_fp32", "universal_amp", "independent_fp32"],
+        choices=["universal_fp32", "universal_amp", "independent_fp32", "independent_amp"],
+        help="which configurations to run",
+    )
     ap.add_argument("--channels_last", action="store_true", help="channels_last_3d on the GPU too")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
@@ -191,9 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     model_patch = (16, 16, 16) if args.smoke else (128, 128, 128)
     pools = (2, 2, 2) if args.smoke else (5, 5, 5)
     channels_last = args.channels_last or device.type == "cpu"
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "steps": steps, "warmup": warmup, "workers_per_task": args.workers,
-            "amp_dtype": str(amp).replace("torch.", ""), "model_patch": model_patch, "base": base, "batch": 2}  # fmt: skip
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "steps": steps,
+        "warmup": warmup,
+        "workers_per_task": args.workers,
+        "amp_dtype": str(amp).replace("torch.", ""),
+        "model_patch": model_patch,
+        "base": base,
+        "batch": 2,
+    }
     print(json.dumps(info), flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
@@ -208,14 +236,31 @@ def main(argv: list[str] | None = None) -> int:
             kind, prec = cfg.split("_")
             torch.manual_seed(1)
             if kind == "universal":
-                model = build_model("universal", [t.num_modalities for t in tasks], [t.num_classes for t in tasks],
-                                    module="separable_adapter", base_channels=base, pools_per_axis=pools)  # fmt: skip
+                model = build_model(
+                    "universal",
+                    [t.num_modalities for t in tasks],
+                    [t.num_classes for t in tasks],
+                    module="separable_adapter",
+                    base_channels=base,
+                    pools_per_axis=pools,
+                )
                 cfg_tasks, mp = tasks, model_patch
             else:
                 model = build_model("independent", [1], [2], base_channels=base, pools_per_axis=pools)
                 cfg_tasks, mp = liver, None
-            res = run_config(cfg, model, cfg_tasks, model_patch=mp, device=device, amp_dtype=amp if prec == "amp" else None,
-                             batch=2, steps=steps, warmup=warmup, workers=args.workers, channels_last=channels_last)  # fmt: skip
+            res = run_config(
+                cfg,
+                model,
+                cfg_tasks,
+                model_patch=mp,
+                device=device,
+                amp_dtype=amp if prec == "amp" else None,
+                batch=2,
+                steps=steps,
+                warmup=warmup,
+                workers=args.workers,
+                channels_last=channels_last,
+            )
             results.append(res)
             print(
                 f"{cfg:18s} median step {res['median_step_s']:.3f}s (compute only {res['median_compute_step_s']:.3f}s), "

@@ -40,6 +40,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from utils.io_utils import atomic_write_json, atomic_write_nifti
+from utils.triples import float3, int3
 
 __all__ = ["DEMO_TASKS", "DemoCase", "DemoTask", "generate_demo_data", "generate_task", "main"]
 
@@ -105,7 +106,7 @@ def _blob(
     coords: Coords,
     rng: np.random.Generator,
     centre: Sequence[float],
-    radii: Sequence[float],
+    radii: Sequence[float] | np.ndarray,
     *,
     max_rot_deg: float = 20.0,
     wobble: float = 0.15,
@@ -116,8 +117,8 @@ def _blob(
     """
     rot = _rotation(rng, max_rot_deg)
     d = [coords[i] - np.float32(centre[i]) for i in range(3)]
-    q = [sum(np.float32(rot[j, i]) * d[j] for j in range(3)) / np.float32(radii[i]) for i in range(3)]
-    q = [np.broadcast_to(a, np.broadcast_shapes(*(c.shape for c in coords))) for a in q]
+    rotated = [sum(np.float32(rot[j, i]) * d[j] for j in range(3)) / np.float32(radii[i]) for i in range(3)]
+    q = [np.broadcast_to(a, np.broadcast_shapes(*(c.shape for c in coords))) for a in rotated]
     f = q[0] ** 2 + q[1] ** 2 + q[2] ** 2
     limit = (1.0 + wobble * _smooth(rng, q)) ** 2
     return f < limit, q
@@ -141,12 +142,12 @@ def _grid(
     (jittered by +-5 %), sampled at ``spacing``; and the normalised coordinates of that grid."""
     fov = [size * k * n for k, n in zip(scale, nominal_spacing, strict=True)]
     fov = [f * rng.uniform(0.95, 1.05) for f in fov]
-    shape = tuple(max(8, int(round(f / s))) for f, s in zip(fov, spacing, strict=True))
-    return shape, _coords(shape)  # type: ignore[return-value]
+    shape = int3(max(8, int(round(f / s))) for f, s in zip(fov, spacing, strict=True))
+    return shape, _coords(shape)
 
 
 def _origin(rng: np.random.Generator, base: Sequence[float]) -> tuple[float, float, float]:
-    return tuple(round(float(b + rng.uniform(-20, 20)), 3) for b in base)  # type: ignore[return-value]
+    return float3(round(float(b + rng.uniform(-20, 20)), 3) for b in base)
 
 
 def _body(coords: Coords, rng: np.random.Generator, ry: float, rx: float) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +166,9 @@ def _body(coords: Coords, rng: np.random.Generator, ry: float, rx: float) -> tup
 
 
 def _make_liver(rng: np.random.Generator, size: int) -> DemoCase:
-    spacing = (float(rng.choice([2.0, 2.5, 3.0])), *(2 * [round(float(rng.uniform(1.1, 1.5)), 3)]))
+    s_z = float(rng.choice([2.0, 2.5, 3.0]))
+    s_yx = round(float(rng.uniform(1.1, 1.5)), 3)
+    spacing = (s_z, s_yx, s_yx)
     shape, c = _grid(rng, size, (2.5, 1.3, 1.3), spacing)
     sigma = 20.0
     body, inner = _body(c, rng, rng.uniform(0.85, 0.92), rng.uniform(0.9, 0.97))

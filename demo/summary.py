@@ -63,17 +63,27 @@ def evaluate_mode(
             if not label_dir.is_dir():
                 raise FileNotFoundError(f"no test labels {label_dir}")
             case_rows, means = evaluate_folder(
-                pred_dir, label_dir, int(plans["num_classes"]), label_map=plans.get("label_map"),
+                pred_dir,
+                label_dir,
+                int(plans["num_classes"]),
+                label_map=plans.get("label_map"),
                 csv_path=results_dir / "eval" / mode / f"{name}.csv",
-            )  # fmt: skip
+            )
             names = plans.get("labels") or {}
             for c in range(1, int(plans["num_classes"])):
-                rows.append({
-                    "mode": mode, "task": name, "class": c, "class_name": names.get(str(c), f"class{c}"),
-                    "dice": float(means[f"dice_{c}"]), "hd95_mm": float(means[f"hd95_{c}"]),
-                    "num_cases": len(case_rows), "params": counts.total,
-                    "task_params": counts.per_task[t],
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "mode": mode,
+                        "task": name,
+                        "class": c,
+                        "class_name": names.get(str(c), f"class{c}"),
+                        "dice": float(means[f"dice_{c}"]),
+                        "hd95_mm": float(means[f"hd95_{c}"]),
+                        "num_cases": len(case_rows),
+                        "params": counts.total,
+                        "task_params": counts.per_task[t],
+                    }
+                )
     return rows
 
 
@@ -94,8 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--results_dir", required=True, help="demo results folder (predictions/<mode>/<task>/ inside)"
     )
-    ap.add_argument("--run", action="append", required=True, metavar="MODE=FOLDER",
-                    help="a mode name and the run folder(s) of its checkpoint(s); repeat per mode")  # fmt: skip
+    ap.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        metavar="MODE=FOLDER",
+        help="a mode name and the run folder(s) of its checkpoint(s); repeat per mode",
+    )
     ap.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
     ap.add_argument("--min_dice", type=float, default=0.7, help="report every foreground Dice below this")
     ap.add_argument(
@@ -115,8 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_table(rows))
     low = [r for r in rows if r["dice"] < args.min_dice]
-    print(f"\nwrote {out}; Dice on the test cases (labelsTs); "
-          + (f"{len(low)} foreground Dice below {args.min_dice}" if low else f"every foreground Dice >= {args.min_dice}"))  # fmt: skip
+    print(
+        f"\nwrote {out}; Dice on the test cases (labelsTs); "
+        + (
+            f"{len(low)} foreground Dice below {args.min_dice}"
+            if low
+            else f"every foreground Dice >= {args.min_dice}"
+        )
+    )
     return 1 if low and args.strict else 0
 
 

@@ -38,6 +38,7 @@ from models.unet import U2Net3D
 from utils.checkpoint import load_checkpoint, task_index
 from utils.decathlon import DataError
 from utils.preprocessing import preprocess_image
+from utils.triples import Int3, int3
 
 __all__ = [
     "PredictReport",
@@ -48,13 +49,6 @@ __all__ = [
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-Shape3 = tuple[int, int, int]
-
-
-def _shape3(values: Sequence[Any]) -> Shape3:
-    a, b, c = (int(v) for v in values)
-    return (a, b, c)
 
 
 @dataclass
@@ -73,11 +67,11 @@ class TaskModel:
     task_idx: int
     task_name: str
     plans: dict[str, Any]
-    model_patch: Shape3 | None = None
+    model_patch: Int3 | None = None
 
     @property
-    def task_patch(self) -> Shape3:
-        return _shape3(self.plans["patch_size"])
+    def task_patch(self) -> Int3:
+        return int3(self.plans["patch_size"])
 
     @property
     def num_classes(self) -> int:
@@ -111,7 +105,7 @@ class TaskModel:
                 f"{plans['num_classes']} classes, the model has {num_classes}"
             )
         mp = ckpt.get("model_patch")
-        return cls(model, idx, task, plans, _shape3(mp) if mp is not None else None)
+        return cls(model, idx, task, plans, int3(mp) if mp is not None else None)
 
 
 @dataclass
@@ -200,9 +194,14 @@ class Segmenter:
         """
         t = self.task
         label = infer_case(
-            self._network, image, t.task_idx, t.task_patch, self.settings,
-            model_patch=t.model_patch, num_classes=t.num_classes,
-        )  # fmt: skip
+            self._network,
+            image,
+            t.task_idx,
+            t.task_patch,
+            self.settings,
+            model_patch=t.model_patch,
+            num_classes=t.num_classes,
+        )
         if self.settings.postprocess:
             label = postprocess(label, t.plans, weight)
         return label
@@ -211,9 +210,15 @@ class Segmenter:
         """Blended class probabilities (C, z, y, x) float32 of a preprocessed case."""
         t = self.task
         return infer_case(
-            self._network, image, t.task_idx, t.task_patch, self.settings,
-            model_patch=t.model_patch, num_classes=t.num_classes, output="probabilities",
-        )  # fmt: skip
+            self._network,
+            image,
+            t.task_idx,
+            t.task_patch,
+            self.settings,
+            model_patch=t.model_patch,
+            num_classes=t.num_classes,
+            output="probabilities",
+        )
 
     def segment_prepared_case(self, case: str) -> np.ndarray:
         """Label map (z, y, x) of a preprocessed case ``<case>_image.npy`` (with ``<case>_weight.npy``

@@ -8,7 +8,7 @@ it to :class:`inference.predictor.Segmenter`. The defaults are the paper preset
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -18,9 +18,9 @@ WeightMode = Literal["linear", "gaussian", "constant"]
 UnifiedMode = Literal["volume", "patch"]
 AccumDtype = Literal["float32", "float16"]
 
-WEIGHT_MODES: tuple[str, ...] = ("linear", "gaussian", "constant")
-UNIFIED_MODES: tuple[str, ...] = ("volume", "patch")
-ACCUM_DTYPES: tuple[str, ...] = ("float32", "float16")
+WEIGHT_MODES: tuple[str, ...] = get_args(WeightMode)
+UNIFIED_MODES: tuple[str, ...] = get_args(UnifiedMode)
+ACCUM_DTYPES: tuple[str, ...] = get_args(AccumDtype)
 
 
 @dataclass(frozen=True)

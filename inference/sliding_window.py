@@ -131,14 +131,15 @@ def pad_to_patch(
     shape = image.shape[1:]
     pads = [max(0, int(p) - int(s)) for p, s in zip(patch_size, shape, strict=True)]
     before = [p // 2 for p in pads]
-    region = tuple(slice(b, b + int(s)) for b, s in zip(before, shape, strict=True))
+    z, y, x = (slice(b, b + int(s)) for b, s in zip(before, shape, strict=True))
+    region = (z, y, x)
     if not any(pads):
-        return image, region  # type: ignore[return-value]
+        return image, region
     # F.pad takes the last axis first
     flat: list[int] = []
     for b, p in zip(reversed(before), reversed(pads), strict=True):
         flat += [b, p - b]
-    return F.pad(image, flat, mode="constant", value=0.0), region  # type: ignore[return-value]
+    return F.pad(image, flat, mode="constant", value=0.0), region
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def _forward_probs(
     network: NetworkFn,
     x: torch.Tensor,
     task_idx: int,
-    flips: list[tuple[int, ...]],
+    flips: Sequence[tuple[int, ...]],
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> torch.Tensor:

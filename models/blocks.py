@@ -10,6 +10,7 @@ from torch import nn
 
 from models.conv_units import NEGATIVE_SLOPE, ConvUnit, UnitFactory, UnitParts, leaky_relu
 from models.norms import TaskModuleList, TaskNorm, norm_act
+from utils.triples import int3
 
 
 class ConvNorm(nn.Module):
@@ -77,7 +78,7 @@ class Downsample(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, strides: Sequence[int], num_tasks: int) -> None:
         super().__init__()
-        self.strides = tuple(int(s) for s in strides)
+        self.strides = int3(strides)
         # F.pad takes (x_before, x_after, y_before, y_after, z_before, z_after); SAME padding for k=3:
         # stride 2 -> (0, 1), stride 1 -> (1, 1).
         pad: list[int] = []

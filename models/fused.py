@@ -54,32 +54,46 @@ def _spatial_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=_SPATIAL)
 
 
+def _pivot(x: torch.Tensor, samples_per_axis: int = 8) -> torch.Tensor:
+    """A cheap estimate of each (sample, channel) mean, (N, C): the mean of a strided subsample of
+    about ``samples_per_axis`` voxels per axis."""
+    steps = [max(1, s // samples_per_axis) for s in x.shape[2:]]
+    return x[:, :, :: steps[0], :: steps[1], :: steps[2]].mean(dim=_SPATIAL)
+
+
 class _InstanceNormAct(torch.autograd.Function):
     """y = act((x - mean) / sqrt(var + eps) * weight + bias), statistics per (sample, channel).
 
-    Statistics come from sums and sums of squares (one read of x, no temporaries), accumulated in
-    float64 for the final (N, C) arithmetic; the output is one fused multiply-add pass.
+    Normalisation does not change when a constant is subtracted per (sample, channel), so the
+    input is first shifted by a cheap estimate of its mean (:func:`_pivot`). The statistics then
+    come from sums and sums of squares of the shifted values, which stay accurate in float32 even
+    for channels whose mean is large against their spread (summing squares of unshifted values
+    would cancel catastrophically in ``E[x²] - mean²``). The shifted tensor replaces the input in
+    the saved state, so it costs one pass and no extra memory; the final (N, C) arithmetic is in
+    float64 and the output is one fused multiply-add pass.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, slope: float | None):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, eps: float, slope: float | None):
         n, c = x.shape[:2]
         count = max(x[0, 0].numel(), 1)
-        mean = _spatial_sum(x).double() / count
-        var = (_spatial_dot(x, x).double() / count - mean.square()).clamp_min_(0.0)
+        xs = x - _pivot(x).view(n, c, 1, 1, 1)  # keeps x's memory format
+        mean = _spatial_sum(xs).double() / count  # mean of the shifted values, near 0
+        var = (_spatial_dot(xs, xs).double() / count - mean.square()).clamp_min_(0.0)
         rstd = torch.rsqrt(var + eps)
         scale = (rstd * weight.double()).to(x.dtype)
         shift = (bias.double() - mean * rstd * weight.double()).to(x.dtype)
-        y = torch.addcmul(shift.view(n, c, 1, 1, 1), x, scale.view(n, c, 1, 1, 1))
+        y = torch.addcmul(shift.view(n, c, 1, 1, 1), xs, scale.view(n, c, 1, 1, 1))
         if slope is not None:
             F.leaky_relu_(y, slope)
         ctx.slope = slope
         ctx.count = count
-        ctx.save_for_backward(x, y if slope is not None else None, mean, rstd, weight)
+        ctx.save_for_backward(xs, y if slope is not None else None, mean, rstd, weight)
         return y
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
+        # every formula below holds with x and its mean replaced by the shifted values and their mean
         x, y, mean, rstd, weight = ctx.saved_tensors
         n, c = x.shape[:2]
         # Gradients arriving through torch.cat or upsampling can be strided or in the other layout;
@@ -143,14 +157,14 @@ class _DepthwiseConv3d(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, padding: int):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, padding: int):
         ctx.padding = padding
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return F.conv3d(x, weight, bias, padding=padding, groups=weight.shape[0])
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         channels, pad = weight.shape[0], ctx.padding
         grad_x = grad_w = grad_b = None

@@ -3,27 +3,39 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, TypeVar, overload
 
 import torch
 from torch import nn
 
 from models.fused import instance_norm_act
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
-class TaskModuleList(nn.ModuleList):
+
+class TaskModuleList(nn.ModuleList, Generic[ModuleT]):
     """A list with one module per task; entry ``t`` belongs to task ``t`` alone.
 
     The parameter split of :mod:`models.params` treats every parameter below entry ``t`` as
     task ``t``'s and every parameter outside such lists as shared. ``factory(task_idx)`` builds a
-    fresh entry, so :meth:`add_task` can grow the list when a new domain is added.
+    fresh entry, so :meth:`add_task` can grow the list when a new domain is added. The type
+    parameter ``ModuleT`` is the entries' module type (what ``factory`` returns and indexing gives).
     """
 
-    def __init__(self, factory: Callable[[int], nn.Module], num_tasks: int) -> None:
+    def __init__(self, factory: Callable[[int], ModuleT], num_tasks: int) -> None:
         super().__init__([factory(t) for t in range(num_tasks)])
         # A plain attribute (not a submodule): it is not part of the state_dict.
         self._factory = factory
 
-    def add_task(self, init_from: int | None = None) -> nn.Module:
+    if TYPE_CHECKING:
+        # Typing only (nn.ModuleList's own method runs): an entry has the factory's type.
+        @overload
+        def __getitem__(self, idx: slice) -> nn.ModuleList: ...
+        @overload
+        def __getitem__(self, idx: int) -> ModuleT: ...
+        def __getitem__(self, idx: int | slice) -> ModuleT | nn.ModuleList: ...
+
+    def add_task(self, init_from: int | None = None) -> ModuleT:
         """Append an entry for a new task; copy the weights of task ``init_from`` if given."""
         new = self._factory(len(self))
         if init_from is not None:

@@ -11,6 +11,7 @@ from typing import Any
 from models.params import parameter_counts
 from models.unet import U2Net3D, build_model, count_parameters
 from utils.task_settings import PRESETS
+from utils.triples import int3
 
 #: (modalities, classes used) of the paper's tasks, for reports without preprocessed data.
 PAPER_TASK_IO: dict[str, tuple[int, int]] = {
@@ -41,11 +42,13 @@ def task_spec(name: str, plans_dir: str | Path | None = None) -> TaskSpec:
         if plans_file.is_file():
             plans = json.loads(plans_file.read_text())
             return TaskSpec(
-                name, len(plans["modalities"]), int(plans["num_classes"]), tuple(plans["pools_per_axis"])
+                name, len(plans["modalities"]), int(plans["num_classes"]), int3(plans["pools_per_axis"])
             )
     if name in PAPER_TASK_IO:
         mods, classes = PAPER_TASK_IO[name]
-        return TaskSpec(name, mods, classes, tuple(PRESETS[name].pools_per_axis))
+        pools = PRESETS[name].pools_per_axis
+        assert pools is not None  # every paper task's preset row gives its pools
+        return TaskSpec(name, mods, classes, pools)
     where = f" and no {Path(plans_dir) / name / 'plans.json'}" if plans_dir is not None else ""
     raise ValueError(
         f"unknown task {name!r}: not a paper task ({', '.join(PAPER_TASK_IO)}){where}; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -25,6 +25,13 @@ from models.norms import TaskModuleList
 TRAIN_MODES = ("independent", "shared", "universal")
 ADAPTER_MODULES = ("separable_adapter", "series_adapter", "parallel_adapter")
 DEEP_SUPERVISION_LEVELS = (2, 1)
+
+
+@runtime_checkable
+class _HasFusedOps(Protocol):
+    """A module with a ``use_fused`` switch (isinstance checks the attribute, like ``hasattr``)."""
+
+    use_fused: bool
 
 
 def _widen(value: int | Sequence[int], name: str, length: int = 3) -> tuple[int, ...]:
@@ -189,7 +196,9 @@ class U2Net3D(nn.Module):
         ds_sum: torch.Tensor | None = None
         parts: UnitParts | None = None
         for level in range(self.depth - 2, -1, -1):
-            parts = self.decoders[level].forward_parts(y, skips[level], task_idx)
+            decoder = self.decoders[level]
+            assert isinstance(decoder, DecoderBlock)  # nn.ModuleList items are typed as nn.Module
+            parts = decoder.forward_parts(y, skips[level], task_idx)
             y = parts.out
             if ds_sum is not None:
                 ds_sum = upsample_nearest(ds_sum, y.shape[2:])
@@ -212,7 +221,7 @@ class U2Net3D(nn.Module):
         Both compute the same function (the tests compare them); the fused ones are faster on CPU.
         """
         for m in self.modules():
-            if hasattr(m, "use_fused"):
+            if isinstance(m, _HasFusedOps):  # i.e. hasattr(m, "use_fused")
                 m.use_fused = enabled
 
     def add_task(self, in_channels: int, num_classes: int, init_from: int | None = None) -> int:
@@ -259,6 +268,7 @@ class U2Net3D(nn.Module):
 def _unit_class(config: ModelConfig) -> type[ConvUnit]:
     if config.train_mode != "universal":
         return DenseUnit
+    assert config.module is not None  # ModelConfig.__post_init__ sets it in universal mode
     return {
         "separable_adapter": SeparableAdapterUnit,
         "series_adapter": SeriesAdapterUnit,

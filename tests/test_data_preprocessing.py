@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from utils.decathlon import DataError
+from utils.decathlon import DataError, Geometry
 from utils.io_utils import read_json
 from utils.preprocessing import (
     case_is_done,
+    clip_ct,
     crop_to_box,
     nonzero_bbox,
+    preprocess_arrays,
     preprocess_case,
     preprocess_image,
     resample_volume,
@@ -114,17 +116,77 @@ def test_mr_normalisation_foreground_mean0_std1(tmp_path: Path) -> None:
     assert "class_voxels" not in side
 
 
+def _znorm_by_hand(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Independent reference for step 4 on an already clipped volume: percentile clip to [lo, hi],
+    z-score with mean/std (float64) of the voxels > 0, zeros stay 0."""
+    v = np.clip(v.astype(np.float64), lo, hi)
+    fg = v[v > 0]
+    out = (v - fg.mean()) / fg.std()
+    out[v == 0] = 0.0
+    return out
+
+
+def test_clip_ct_sets_values_below_minimum_in_place() -> None:
+    v = np.array([-3024.0, -1024.5, -1024.0, -1023.0, 0.0, 1500.0], np.float32)
+    out = clip_ct(v)
+    assert out is v  # in place
+    np.testing.assert_array_equal(v, [-1024.0, -1024.0, -1024.0, -1023.0, 0.0, 1500.0])
+    w = np.array([-1000.0, -600.0, -599.0, 20.0], np.float32)
+    np.testing.assert_array_equal(clip_ct(w, -600.0), [-600.0, -600.0, -599.0, 20.0])
+
+
 def test_ct_clip_and_weight_map(tmp_path: Path) -> None:
     shape, spacing = (16, 20, 20), (2.5, 1.0, 1.0)
-    img = np.full(shape, -3024.0, np.float32)  # outside the scanner's field of view
-    img[:, 4:16, 4:16] = 50.0
-    img[:, 8:12, 8:12] = -500.0
-    image, weight, _ = preprocess_image(
+    # every z column is constant, so the z-only resampling (2.5 mm -> 1 mm, y/x grids unchanged)
+    # reproduces the slice pattern exactly and the result can be predicted voxel by voxel
+    sl = np.full(shape[1:], -3024.0)  # outside the scanner's field of view
+    sl[4:16, 4:16] = 40.0 + 10.0 * (np.arange(4, 16) % 3)  # tissue 40 / 50 / 60 HU, varying in x
+    sl[8:12, 8:12] = -500.0  # a lung-like hole: above -1024, kept
+    img = np.broadcast_to(sl, shape).astype(np.float32)
+    image, weight, side = preprocess_image(
         _write(tmp_path / "ct.nii.gz", img, spacing), _plans(modalities=("CT",))
     )
-    assert weight.dtype == np.uint8 and 0 < weight.mean() < 1
-    # -3024 was clipped to -1024 before the percentile clip, so the air stays below the lung-like hole
-    assert image[0].min() < image[0][weight == 0].max() + 1e-6
+    assert side["crop_box"] == [[0, 16], [0, 20], [0, 20]] and image.shape == (1, 40, 20, 20)
+    tissue = sl > 0
+    assert weight.dtype == np.uint8
+    np.testing.assert_array_equal(weight, np.broadcast_to(tissue, weight.shape).astype(np.uint8))
+    # by hand: -3024 -> -1024 (64 % of the voxels, so the 2nd percentile is -1024 and the 98th 60 HU),
+    # then z-score with the tissue's mean and std
+    clipped = np.maximum(sl, -1024.0)
+    mean, std = sl[tissue].mean(), sl[tissue].std()
+    assert std > 5  # a real z-score, not the constant-volume fallback
+    expected = _znorm_by_hand(clipped, -1024.0, 60.0)
+    np.testing.assert_allclose(image[0], np.broadcast_to(expected, image.shape[1:]), rtol=0, atol=1e-3)
+    air = image[0][:, sl == -3024.0]
+    np.testing.assert_allclose(air, (-1024.0 - mean) / std, rtol=0, atol=1e-3)  # the value -1024 HU gives
+    # without the CT clip, the air (-3024) would set the 2nd percentile and stay at its own value
+    assert abs((-3024.0 - mean) / std - (-1024.0 - mean) / std) > 100
+
+
+def test_ct_clip_min_from_plans_and_only_for_ct() -> None:
+    rng = np.random.default_rng(3)
+    shape = (6, 10, 10)
+    vol = rng.uniform(20.0, 80.0, shape)  # tissue
+    vol[:, :, :2] = -3000.0  # 20 % air far below any clip
+    vol[:, :, 2:3] = -2000.0  # 10 % below -1024 too
+    vol[:, :, 3:4] = -700.0  # 10 % between -1024 and -600
+    geom = Geometry((6, 10, 10), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    image = vol[None].astype(np.float32)  # same spacing as the target: no resampling
+    for is_ct, ct_min in ((True, -1024.0), (True, -600.0), (False, -1024.0)):
+        plans = {**_plans(modalities=("CT",)), "is_ct": is_ct}
+        plans["normalisation"] = {**plans["normalisation"], "ct_clip_min": ct_min}
+        out, weight, _, _ = preprocess_arrays(image, geom, plans)
+        ref = np.maximum(vol, ct_min) if is_ct else vol.copy()
+        lo, hi = np.percentile(ref, [2, 98])
+        np.testing.assert_allclose(out[0], _znorm_by_hand(ref, lo, hi), rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(weight, (vol > 0).astype(np.uint8))
+        a, b, c = out[0, 0, 0, 0], out[0, 0, 0, 2], out[0, 0, 0, 3]  # -3000, -2000, -700 HU
+        if is_ct and ct_min == -1024.0:
+            assert a == b and c > b  # both below -1024 end equal, -700 is kept
+        elif is_ct:
+            assert a == b == c  # everything below -600 is clipped to it
+        else:
+            assert a < b < c  # no CT clip: the three stay apart (the 2nd percentile lies in the -3000 block)
 
 
 def test_label_values_and_tumour_fusion(tmp_path: Path) -> None:

@@ -105,22 +105,123 @@ def test_focal_closed_form() -> None:
     )
 
 
-def test_segmentation_loss_sum_and_finite_gradients() -> None:
+def _rows(logits: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C, *spatial) logits and (N[, 1], *spatial) labels -> float64 (P, C) rows and int (P,) labels,
+    voxels in the same order (both losses are invariant to the order of the voxels)."""
+    c = logits.shape[1]
+    z = logits.detach().double().movedim(1, -1).reshape(-1, c).numpy()
+    return z, target.detach().reshape(-1).round().long().numpy()
+
+
+def _focal_np(z: np.ndarray, labels: np.ndarray, gamma: float = 2.0) -> float:
+    """Focal loss by hand in float64: mean_i -(1 - p_i)^gamma log p_i, p_i = softmax(z_i)[y_i]."""
+    zmax = z.max(axis=1, keepdims=True)
+    lse = zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))
+    log_pt = z[np.arange(len(labels)), labels] - lse
+    return float(np.mean(-((1.0 - np.exp(log_pt)) ** gamma) * log_pt))
+
+
+def _softmax_np(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _seg_loss_np(z: np.ndarray, labels: np.ndarray, wl: float = 1.0, wf: float = 1.0) -> float:
+    """Independent reference of SegmentationLoss: brute-force Lovász of softmax + hand focal, float64."""
+    return wl * _lovasz_brute(_softmax_np(z), labels) + wf * _focal_np(z, labels)
+
+
+def test_segmentation_loss_matches_independent_reference_and_weights() -> None:
     torch.manual_seed(1)
-    loss_fn = SegmentationLoss()
-    for scale in (1.0, 60.0):  # includes saturated softmax
-        logits = (torch.randn(2, 3, 3, 4, 2) * scale).requires_grad_(True)
-        target = torch.randint(0, 3, (2, 1, 3, 4, 2)).float()  # (N, 1, ...) float like batchgenerators
-        loss = loss_fn(logits, target)
-        ref = lovasz_softmax(torch.softmax(logits, 1), target) + focal_loss(logits, target)
-        assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
-        loss.backward()
-        assert logits.grad is not None and torch.isfinite(logits.grad).all()
-        assert logits.grad.abs().sum() > 0 or scale > 1
-    # gradient of the Lovász part matches finite differences
+    logits = torch.randn(2, 3, 2, 3, 2) * 2.0
+    target = torch.randint(0, 3, (2, 1, 2, 3, 2)).float()  # (N, 1, ...) float like batchgenerators
+    z, lab = _rows(logits, target)
+    lov, foc = _lovasz_brute(_softmax_np(z), lab), _focal_np(z, lab)
+    assert lov > 0.1 and foc > 0.1  # both terms matter
+    assert SegmentationLoss()(logits, target).item() == pytest.approx(lov + foc, rel=1e-5)
+    for wl, wf in itertools.product([0.0, 1.0, 0.5], [0.0, 1.0, 2.0]):
+        got = SegmentationLoss(lovasz_weight=wl, focal_weight=wf)(logits, target).item()
+        assert got == pytest.approx(wl * lov + wf * foc, rel=1e-5, abs=1e-7), (wl, wf)
+    # gamma reaches the focal term: gamma 0 = Lovász + cross entropy
+    ce = _focal_np(z, lab, gamma=0.0)
+    assert SegmentationLoss(gamma=0.0)(logits, target).item() == pytest.approx(lov + ce, rel=1e-5)
+    # classes="all" reaches the Lovász term: a batch without class 2 then averages over 3 classes
+    t01 = target.clamp(max=1)
+    z01, lab01 = _rows(logits, t01)
+    p01 = _softmax_np(z01)
+    assert set(lab01.tolist()) == {0, 1}
+    lov_all = _lovasz_brute(p01, lab01) * 2 / 3 + float(np.max(p01[:, 2])) / 3  # class 2: all FP, J = 1
+    got_all = SegmentationLoss(classes="all", focal_weight=0.0)(logits, t01).item()
+    assert got_all == pytest.approx(lov_all, rel=1e-5)
+
+
+def test_segmentation_loss_computes_in_float32_for_bf16_logits() -> None:
+    torch.manual_seed(2)
+    logits = (torch.randn(1, 2, 3, 3, 3) * 3).bfloat16()
+    target = torch.randint(0, 2, (1, 3, 3, 3))
+    loss = SegmentationLoss()(logits, target)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(_seg_loss_np(*_rows(logits, target)), rel=1e-5)
+
+
+def _numeric_grad(z: np.ndarray, labels: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Central finite differences of the float64 reference loss with respect to every logit."""
+    g = np.zeros_like(z)
+    for idx in np.ndindex(*z.shape):
+        zp, zm = z.copy(), z.copy()
+        zp[idx] += h
+        zm[idx] -= h
+        g[idx] = (_seg_loss_np(zp, labels) - _seg_loss_np(zm, labels)) / (2 * h)
+    return g
+
+
+def test_segmentation_loss_gradient_matches_finite_differences() -> None:
+    torch.manual_seed(3)
+    logits = (torch.randn(2, 3, 2, 2, 2) * 2.0).requires_grad_(True)
+    target = torch.randint(0, 3, (2, 2, 2, 2))
+    SegmentationLoss()(logits, target).backward()
+    assert logits.grad is not None
+    z, lab = _rows(logits, target)
+    expected = _numeric_grad(z, lab)
+    got = logits.grad.movedim(1, -1).reshape(z.shape).double().numpy()
+    # float32 autograd vs float64 finite differences of the independent reference
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-6)
+    assert np.abs(expected).max() > 1e-2  # a non-trivial gradient
+    # and autograd's own check of both terms together in float64
+    x = torch.randn(1, 3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([[[[0, 1], [2, 1]], [[0, 0], [2, 1]]]])
+    assert torch.autograd.gradcheck(lambda t: lovasz_softmax(torch.softmax(t, 1), y) + focal_loss(t, y), (x,))
+    # gradient of the Lovász part alone matches finite differences
     x = torch.randn(1, 2, 5, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([[0, 1, 1, 0, 1]])
     assert torch.autograd.gradcheck(lambda t: lovasz_softmax(torch.softmax(t, 1), y), (x,))
-    for combo in itertools.product([0.0, 1.0], repeat=2):
-        fn = SegmentationLoss(lovasz_weight=combo[0], focal_weight=combo[1])
-        assert torch.isfinite(fn(x.float(), y))
+
+
+def test_segmentation_loss_saturated_softmax() -> None:
+    # logits 60 apart: softmax is one-hot up to ~1e-26, so the Lovász term is the Jaccard loss
+    # 1 - |G ∩ M| / |G ∪ M| of the hard prediction (mean over present classes), each wrong voxel adds
+    # its logit gap 60 to the focal sum, and the gradient of the true-class logit of a wrong voxel
+    # is -1 / P (d/dz [-(1 - p)^2 log p] -> -1 as p -> 0), ~0 everywhere else that matters
+    torch.manual_seed(4)
+    shape = (2, 2, 3, 2)
+    target = torch.randint(0, 3, shape)
+    pred = target.clone()
+    wrong = torch.rand(shape) < 0.4
+    pred[wrong] = (target[wrong] + torch.randint(1, 3, (int(wrong.sum()),))) % 3
+    logits = (60.0 * F.one_hot(pred, 3).movedim(-1, 1).float()).requires_grad_(True)
+    loss = SegmentationLoss()(logits, target)
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    n_vox = target.numel()
+    jacc = []
+    for c in range(3):
+        g, m = target == c, pred == c
+        if g.any():
+            jacc.append(1.0 - float((g & m).sum()) / float((g | m).sum()))
+    focal = 60.0 * float(wrong.sum()) / n_vox
+    assert 0 < wrong.sum() < n_vox
+    assert loss.item() == pytest.approx(float(np.mean(jacc)) + focal, rel=1e-5)
+    assert loss.item() == pytest.approx(_seg_loss_np(*_rows(logits, target)), rel=1e-5)
+    grad_true = logits.grad.gather(1, target.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(grad_true[wrong], torch.full_like(grad_true[wrong], -1.0 / n_vox))
+    torch.testing.assert_close(grad_true[~wrong], torch.zeros_like(grad_true[~wrong]), atol=1e-8, rtol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -12,8 +13,17 @@ import torch
 
 import predict
 from demo.data import generate_task
+from inference.geometry import restore_to_original
+from inference.predictor import Segmenter, TaskModel
+from inference.settings import InferenceSettings
 from models import build_model
+from training.config import TrainConfig
+from training.data import TaskData
+from training.validation import predict_cases_to_nifti, run_inference_settings, task_segmenter
 from utils.checkpoint import save_checkpoint
+from utils.io_utils import read_json
+from utils.prep_runner import run_preprocessing
+from utils.preprocessing import preprocess_image
 
 
 def _plans(task: str, modalities: list[str], num_classes: int, patch: list[int]) -> dict:
@@ -64,6 +74,20 @@ def test_predict_end_to_end(
 ) -> None:
     ckpt, task_dir = setup
     inputs = task_dir / "imagesTs"
+    # one more input: a test image inside a zero frame of 8 voxels, so that its crop box (non-zero
+    # box + 5) leaves a border of at least 3 voxels outside, where the label map must be 0
+    names = sorted(p.name for p in inputs.iterdir())
+    sources = {n: inputs / n for n in names}
+    framed = tmp_path / "framed"
+    framed.mkdir()
+    src4 = sitk.ReadImage(str(inputs / names[0]))
+    arr = np.pad(sitk.GetArrayFromImage(src4), [(0, 0), (8, 8), (8, 8), (8, 8)])
+    img4 = sitk.GetImageFromArray(arr, isVector=False)
+    img4.SetSpacing(src4.GetSpacing())
+    img4.SetOrigin(src4.GetOrigin())
+    img4.SetDirection(src4.GetDirection())
+    sources["framed.nii.gz"] = framed / "framed.nii.gz"
+    sitk.WriteImage(img4, str(sources["framed.nii.gz"]))
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
@@ -71,25 +95,35 @@ def test_predict_end_to_end(
     sitk.WriteImage(one_mod, str(bad / "three_d.nii.gz"))  # 1 modality, the task needs 2
     out = tmp_path / "out"
     rc = predict.main(["--ckp", str(ckpt), "--task", "Task93_DemoProstateMR", "--input", str(inputs), str(bad),
-                       "--output", str(out), "--no_progress", "--batch_size", "3"])  # fmt: skip
+                       str(sources["framed.nii.gz"]), "--output", str(out), "--no_progress", "--batch_size", "3"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 1
     assert "broken.nii.gz" in err and "three_d.nii.gz" in err and "modalit" in err
-    names = sorted(p.name for p in inputs.iterdir())
-    assert sorted(p.name for p in out.iterdir()) == names
-    for name in names:
-        src, dst = sitk.ReadImage(str(inputs / name)), sitk.ReadImage(str(out / name))
+    assert sorted(p.name for p in out.iterdir()) == sorted(sources)
+    # the same steps done by hand: preprocess with the checkpoint's plans, segment the preprocessed
+    # array (sliding window, unified-patch resize, post-processing), undo crop + resampling
+    task = TaskModel.from_checkpoint(ckpt, "Task93_DemoProstateMR")
+    by_hand = Segmenter(task, InferenceSettings(batch_size=3))
+    for name, path in sources.items():
+        src, dst = sitk.ReadImage(str(path)), sitk.ReadImage(str(out / name))
         assert dst.GetDimension() == 3 and dst.GetPixelID() == sitk.sitkUInt8
         assert dst.GetSize() == src.GetSize()[:3]
         np.testing.assert_allclose(dst.GetSpacing(), src.GetSpacing()[:3], atol=1e-5)
         np.testing.assert_allclose(dst.GetOrigin(), src.GetOrigin()[:3], atol=1e-4)
         d4 = np.asarray(src.GetDirection()).reshape(4, 4)[:3, :3]
         np.testing.assert_allclose(np.asarray(dst.GetDirection()).reshape(3, 3), d4, atol=1e-5)
-        np.testing.assert_allclose(
-            nib.load(str(out / name)).affine, nib.load(str(inputs / name)).affine, atol=1e-4
-        )
+        np.testing.assert_allclose(nib.load(str(out / name)).affine, nib.load(str(path)).affine, atol=1e-4)
         labels = sitk.GetArrayFromImage(dst)
-        assert labels.min() >= 0 and labels.max() <= 2
+        image, weight, sidecar = preprocess_image(path, task.plans)
+        expected = restore_to_original(by_hand.segment_array(image, weight), sidecar)
+        np.testing.assert_array_equal(labels, expected)
+        assert len(np.unique(labels)) >= 2  # the untrained model still predicts several classes
+        if name == "framed.nii.gz":
+            box = sidecar["crop_box"]
+            assert all(a >= 3 and b <= n - 3 for (a, b), n in zip(box, labels.shape, strict=True))
+            inside = np.zeros(labels.shape, bool)
+            inside[box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]] = True
+            assert labels[inside].any() and not labels[~inside].any()
 
 
 def test_predict_errors_and_help(
@@ -127,3 +161,54 @@ def test_predict_cuda_matches_cpu(setup: tuple[Path, Path], tmp_path: Path) -> N
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cpu" / f.name)))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "gpu" / f.name)))
         assert (a == b).mean() > 0.99
+
+
+LIVER = "Task91_DemoLiverCT"
+
+
+def test_predict_py_on_raw_image_equals_validation_path(tmp_path: Path) -> None:
+    """predict.py on a raw training image and the training-side path (validation segmenter on the
+    preprocessed case, then predict_cases_to_nifti) give the same label map and geometry."""
+    generate_task(LIVER, tmp_path / "data", n_train=2, n_test=0, size=16)
+    summary = run_preprocessing(tmp_path / "data", tmp_path / "prep", tasks=[LIVER], progress=False,
+                                log=lambda _msg: None)  # fmt: skip
+    assert summary.done == 2 and not summary.failed
+    plans = read_json(tmp_path / "prep" / LIVER / "plans.json")
+    case_id = "liverct_002"  # 2 mm slices resampled to 3 mm: the grids differ, restoring matters
+    case = str(tmp_path / "prep" / LIVER / "train" / case_id)
+    sidecar = read_json(case + ".json")
+    assert sidecar["resampled_shape"] != sidecar["original_shape"]
+    torch.manual_seed(0)
+    config = {"train_mode": "independent", "in_channels": [1], "num_classes": [2], "module": None,
+              "base_channels": 4, "pools_per_axis": plans["pools_per_axis"], "deep_supervision": True,
+              "residual": True}  # fmt: skip
+    model = build_model(**config).eval()
+    task = TaskData(LIVER, plans, tmp_path / "prep" / LIVER, [], [case])
+    settings = run_inference_settings(
+        TrainConfig(mode="independent", tasks=[LIVER], device="cpu"), torch.device("cpu")
+    )
+    assert settings.postprocess  # the preset validates with post-processing, as predict.py does
+    segmenter = task_segmenter(model, task, 0, None, settings)
+    # balance the untrained model: shift the class-1 bias so that about half the voxels are class 1
+    p1 = float(np.median(segmenter.probabilities(np.load(case + "_image.npy"))[1]))
+    head = model.output_heads.heads[0]
+    with torch.no_grad():
+        head.bias[1] += math.log((1 - p1) / p1)
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, config, [{"name": LIVER, "plans": plans}], model.state_dict())
+
+    raw = tmp_path / "data" / LIVER / "imagesTr" / f"{case_id}.nii.gz"
+    rc = predict.main(["--ckp", str(ckpt), "--task", LIVER, "--input", str(raw),
+                       "--output", str(tmp_path / "predict"), "--no_progress"])  # fmt: skip
+    assert rc == 0
+    (written,) = predict_cases_to_nifti(segmenter, [case], tmp_path / "val")
+    by_predict = sitk.ReadImage(str(tmp_path / "predict" / f"{case_id}.nii.gz"))
+    by_val = sitk.ReadImage(str(written))
+    a, b = sitk.GetArrayFromImage(by_predict), sitk.GetArrayFromImage(by_val)
+    assert a.shape == tuple(sidecar["original_shape"])
+    np.testing.assert_array_equal(a, b)
+    counts = np.bincount(a.ravel(), minlength=2)
+    assert counts.size == 2 and counts.min() > 0.1 * a.size  # both classes, each a real share
+    np.testing.assert_array_equal(a, restore_to_original(segmenter.segment_prepared_case(case), sidecar))
+    for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+        np.testing.assert_allclose(getattr(by_predict, get)(), getattr(by_val, get)(), atol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import nibabel as nib
@@ -13,11 +14,12 @@ import torch
 from models.loading import build_model_from_checkpoint
 from tests.synthetic import make_synthetic_task, write_folds
 from training.cli import build_parser, config_from_args, main, predict_run, prepare_runs
-from training.config import TrainConfig
+from training.config import TrainConfig, flag_fields
 from training.loop import fit
 from training.optim import PlateauHalving, make_optimizer
 from training.state import LATEST, numbered_name
 from training.step import task_for_step
+from training.validation import run_inference_settings
 from utils.checkpoint import load_checkpoint
 
 A, B = "Task97_TinyA", "Task98_TinyB"
@@ -104,6 +106,26 @@ def test_cli_flags_all_explained() -> None:
         16,
     )
     assert cfg.run_dir() == Path("results") / "res_u2net3d_universal" / A
+    assert cfg.folds_path() == Path("prepData") / "fold_splits.json"
+
+
+@pytest.mark.parametrize("modes", [("independent", "shared"), ("shared", "universal")])
+def test_cli_defaults_are_the_config_defaults(modes: tuple[str, str]) -> None:
+    """Every run setting has one flag, and parsing no flags gives exactly TrainConfig's defaults."""
+    parser = build_parser("x", modes, modes[0], "d")
+    cfg = config_from_args(parser.parse_args(["--tasks", A]))
+    assert cfg == TrainConfig(mode=modes[0], tasks=[A])
+    flags = dict(flag_fields())
+    settings = {f.name for f in fields(TrainConfig)} - {"mode", "tasks"}
+    assert set(flags) == settings  # no run setting without a flag
+    option_strings = {s for action in parser._actions for s in action.option_strings}
+    assert set(flags.values()) <= option_strings
+    # a flag reaches its field
+    assert (
+        config_from_args(parser.parse_args(["--tasks", A, "--no_augment", "--base_outChans", "8"])).augment
+        is False
+    )
+    assert config_from_args(parser.parse_args(["--tasks", A, "--base_outChans", "8"])).base_channels == 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,3 +262,13 @@ def test_gpu_benchmark_script_smoke(tmp_path: Path) -> None:
         and res["median_step_s"] > 0
         and isinstance(res["loader_kept_up"], bool)
     )
+
+
+def test_validation_uses_the_runs_precision() -> None:
+    """A bf16 run validates (and predicts) in bf16, an fp32 run in fp32; the sliding window is the preset's."""
+    cpu = torch.device("cpu")
+    for amp, expected in (("bf16", "bf16"), ("auto", "bf16"), ("off", "off")):
+        settings = run_inference_settings(TrainConfig(mode="shared", tasks=[A], amp=amp), cpu)
+        assert settings.amp == expected
+    settings = run_inference_settings(TrainConfig(mode="shared", tasks=[A], val_postprocess=False), cpu)
+    assert not settings.postprocess and settings.step_fraction == 0.5 and settings.weight_mode == "linear"

@@ -33,6 +33,8 @@ import numpy as np
 from batchgenerators.transforms.abstract_transforms import AbstractTransform
 from batchgenerators.transforms.spatial_transforms import ResizeTransform, SpatialTransform
 
+from utils.triples import int3
+
 __all__ = [
     "AugmentParams",
     "MirrorAxesTransform",
@@ -116,7 +118,7 @@ def safe_jitter(patch_size: Sequence[int], aug: AugmentParams | None) -> Shape3:
     """
     half = [max(int(v) / 2.0 - 1.0, 0.0) for v in patch_size]
     if aug is None:
-        return tuple(max(int(v) // 2 - 1, 0) for v in patch_size)  # type: ignore[return-value]
+        return int3(max(int(v) // 2 - 1, 0) for v in patch_size)
     s, m = aug.scale_min, aug.margin
     jz = math.floor(s * half[0] - m)
     if aug.rotates:

@@ -13,15 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from inference.settings import InferenceSettings
 from models.loading import build_model_from_checkpoint
-from models.runtime import keep_freed_memory_in_heap, resolve_amp, resolve_device
+from models.runtime import keep_freed_memory_in_heap, resolve_device
 from training.config import DATA, GROUPS, HARDWARE, WHAT, TrainConfig, add_config_arguments, config_kwargs
 from training.data import TaskData, load_task_data, placeholder_task
 from training.loop import Prepared, fit
 from training.setup import adapt_to_new_task, build_fresh_model, setup_from_checkpoint
 from training.state import BEST, LATEST, load_training_checkpoint, resolve_resume_path
-from training.validation import predict_cases_to_nifti, task_segmenter
+from training.validation import predict_cases_to_nifti, run_inference_settings, task_segmenter
 from utils.checkpoint import load_checkpoint, task_index
 
 
@@ -36,26 +35,49 @@ def build_parser(
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter)
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     g = groups[WHAT]
-    g.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
-                   help="task folder names (e.g. Task02_Heart Task03_Liver); independent mode trains one model per "
-                        "task; with --ckp: the ONE new task to add to the trained model")  # fmt: skip
-    g.add_argument("--trainMode", dest="mode", default=default_mode, choices=list(modes),
-                   help="independent = one model per task with its own plans (patch, pools, batch); shared = one "
-                        "U-Net for all tasks (task-specific heads and norms); universal = shared U-Net plus "
-                        "per-task adapters (--module)")  # fmt: skip
-    g.add_argument("--resume_ckp", default="", metavar="CKPT_OR_DIR",
-                   help="continue an interrupted run exactly (weights, optimizer, epoch, step, random states, "
-                        "loss history, LR rule): a checkpoint file, or a run folder (uses checkpoints/latest.pt)")  # fmt: skip
-    g.add_argument("--resume_epoch", type=int, default=0, metavar="N",
-                   help="with a run folder as --resume_ckp: resume from checkpoints/epoch_000N.pt; with a file: "
-                        "check that it was written after epoch N (0 = no check)")  # fmt: skip
+    g.add_argument(
+        "--tasks",
+        nargs="+",
+        required=True,
+        metavar="TASK",
+        help="task folder names (e.g. Task02_Heart Task03_Liver); independent mode trains one model per "
+        "task; with --ckp: the ONE new task to add to the trained model",
+    )
+    g.add_argument(
+        "--trainMode",
+        dest="mode",
+        default=default_mode,
+        choices=list(modes),
+        help="independent = one model per task with its own plans (patch, pools, batch); shared = one "
+        "U-Net for all tasks (task-specific heads and norms); universal = shared U-Net plus "
+        "per-task adapters (--module)",
+    )
+    g.add_argument(
+        "--resume_ckp",
+        default="",
+        metavar="CKPT_OR_DIR",
+        help="continue an interrupted run exactly (weights, optimizer, epoch, step, random states, "
+        "loss history, LR rule): a checkpoint file, or a run folder (uses checkpoints/latest.pt)",
+    )
+    g.add_argument(
+        "--resume_epoch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with a run folder as --resume_ckp: resume from checkpoints/epoch_000N.pt; with a file: "
+        "check that it was written after epoch N (0 = no check)",
+    )
     add_config_arguments(groups)
     groups[DATA].add_argument(
-        "--predict", nargs="*", choices=["val", "test"], default=None, metavar="WHAT",
+        "--predict",
+        nargs="*",
+        choices=["val", "test"],
+        default=None,
+        metavar="WHAT",
         help="after training, segment with the best checkpoint and write NIfTI label maps in the original "
-             "geometry to <run>/predictions/<task>/: 'val' (the fold's validation cases; the default when "
-             "--predict is given alone) and/or 'test' (<dataset_dir>/<task>/imagesTs)",
-    )  # fmt: skip
+        "geometry to <run>/predictions/<task>/: 'val' (the fold's validation cases; the default when "
+        "--predict is given alone) and/or 'test' (<dataset_dir>/<task>/imagesTs)",
+    )
     groups[HARDWARE].add_argument(
         "--no_progress",
         action="store_true",
@@ -71,11 +93,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _task(config: TrainConfig, name: str, plans: dict[str, Any] | None = None) -> TaskData:
     return load_task_data(
-        config.prep_dir, name, config.folds_path(), config.fold,
+        config.prep_dir,
+        name,
+        config.folds_path(),
+        config.fold,
         patch_size=None if plans is not None else config.patch_size,
         pools=None if plans is not None else (config.pools if config.mode == "independent" else None),
         plans=plans,
-    )  # fmt: skip
+    )
 
 
 def prepare_runs(config: TrainConfig, resume_ckp: str = "", resume_epoch: int = 0) -> list[Prepared]:
@@ -131,9 +156,7 @@ def predict_run(prep: Prepared, what: Sequence[str], *, progress: bool = True) -
     device = resolve_device(prep.config.device)
     model, ck_tasks = build_model_from_checkpoint(ckpt)
     model.to(device).eval()
-    settings = InferenceSettings(
-        device=str(device), amp=resolve_amp(prep.config.amp, device), progress=progress
-    )
+    settings = run_inference_settings(prep.config, device, postprocess=True, progress=progress)
     written: list[Path] = []
     for t in prep.setup.trained_tasks:
         task = prep.tasks[t]

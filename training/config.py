@@ -60,20 +60,23 @@ class TrainConfig:
         "separable_adapter",
         "universal mode's adapter: separable_adapter (the paper's depthwise adapters), series_adapter or "
         "parallel_adapter (residual adapters); ignored in the other modes",
-        WHAT, choices=ADAPTER_MODULES,
-    )  # fmt: skip
+        WHAT,
+        choices=ADAPTER_MODULES,
+    )
     ckp: str | None = _opt(
         None,
         "new domain: a trained shared/universal checkpoint; the model gets --tasks' parts, its old weights are "
         "loaded and frozen, and only the new task's parameters train",
-        WHAT, metavar="CKPT",
-    )  # fmt: skip
+        WHAT,
+        metavar="CKPT",
+    )
     init_from: str | None = _opt(
         None,
         "with --ckp: start the new task's norms/adapters as copies of this old task's (default: fresh "
         "initialisation); heads are always fresh",
-        WHAT, metavar="TASK",
-    )  # fmt: skip
+        WHAT,
+        metavar="TASK",
+    )
     fold: int = _opt(
         0, "cross-validation fold of --folds_file whose val cases are validated on", WHAT, type=int
     )
@@ -86,8 +89,9 @@ class TrainConfig:
     folds_file: str | None = _opt(
         None,
         "fold splits JSON (default: <prep_dir>/fold_splits.json, written by preprocess_taskSep.py)",
-        DATA, metavar="JSON",
-    )  # fmt: skip
+        DATA,
+        metavar="JSON",
+    )
     results_dir: str = _opt("results", "root of the run folders", DATA)
     max_epoch: int = _opt(
         300, "epochs (training stops earlier when the LR drops below --lr_stop)", SCHEDULE, type=int
@@ -101,24 +105,34 @@ class TrainConfig:
     batch_size: int | None = _opt(
         None,
         "patches per step (default: the task's plans for independent models, 2 for shared/universal)",
-        SCHEDULE, type=int,
-    )  # fmt: skip
+        SCHEDULE,
+        type=int,
+    )
     patch_size: list[int] | None = _opt(
         None,
         "patch sampled from every task's volumes (default: each task's plans); independent models then pool "
         "as often as the patch allows unless --pools is given",
-        SCHEDULE, nargs=3, type=int, metavar=("Z", "Y", "X"),
-    )  # fmt: skip
+        SCHEDULE,
+        nargs=3,
+        type=int,
+        metavar=("Z", "Y", "X"),
+    )
     model_patch: list[int] | None = _opt(
         None,
         "shared/universal: the model patch every task patch is resized to (default 128 128 128)",
-        SCHEDULE, nargs=3, type=int, metavar=("Z", "Y", "X"),
-    )  # fmt: skip
+        SCHEDULE,
+        nargs=3,
+        type=int,
+        metavar=("Z", "Y", "X"),
+    )
     pools: list[int] | None = _opt(
         None,
         "stride-2 poolings per axis (default: plans for independent, 5 5 5 for shared/universal)",
-        SCHEDULE, nargs=3, type=int, metavar=("Z", "Y", "X"),
-    )  # fmt: skip
+        SCHEDULE,
+        nargs=3,
+        type=int,
+        metavar=("Z", "Y", "X"),
+    )
     val_every: int = _opt(10, "validate every N epochs (0: only at the end)", SCHEDULE, type=int)
     val_from: int = _opt(100, "first epoch of periodic validation", SCHEDULE, type=int)
     val_max_cases: int | None = _opt(
@@ -153,19 +167,24 @@ class TrainConfig:
     num_workers: int = _opt(
         2,
         "loader worker processes per task (0 = load in the training process, for debugging)",
-        HARDWARE, type=int,
-    )  # fmt: skip
+        HARDWARE,
+        type=int,
+    )
     amp: str = _opt(
         "off",
         "mixed precision autocast: --amp alone = auto (bfloat16 where supported, else float16 on CUDA); "
         "off = fp32 (the paper preset)",
-        HARDWARE, choices=AMP_MODES, nargs="?", const="auto",
-    )  # fmt: skip
+        HARDWARE,
+        choices=AMP_MODES,
+        nargs="?",
+        const="auto",
+    )
     channels_last: str = _opt(
         "auto",
         "channels_last_3d memory format (auto: on for CPU, where it is faster, off on CUDA)",
-        HARDWARE, choices=SWITCH_CHOICES,
-    )  # fmt: skip
+        HARDWARE,
+        choices=SWITCH_CHOICES,
+    )
     fused_ops: str = _opt(
         "auto",
         "hand-fused norm/depthwise kernels (auto: on for CPU without AMP)",
@@ -179,7 +198,7 @@ class TrainConfig:
         False,
         "deterministic CUDA algorithms (slower; exact resume on GPU); CPU runs are deterministic anyway",
         HARDWARE,
-    )  # fmt: skip
+    )
     log_images_every: int = _opt(
         0,
         "TensorBoard image/label/prediction slices of a training batch every N steps (0: off)",
@@ -291,8 +310,13 @@ def add_config_arguments(groups: Mapping[str, Any]) -> None:
         if negate:
             group.add_argument(negate, dest=f.name, action="store_false", default=default, help=meta["help"])
         elif isinstance(default, bool):
-            group.add_argument(meta["flag"] or f"--{f.name}", dest=f.name, action="store_true", default=default,
-                               help=meta["help"])  # fmt: skip
+            group.add_argument(
+                meta["flag"] or f"--{f.name}",
+                dest=f.name,
+                action="store_true",
+                default=default,
+                help=meta["help"],
+            )
         else:
             group.add_argument(
                 meta["flag"] or f"--{f.name}", dest=f.name, default=default, help=meta["help"], **kw

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from inference.settings import InferenceSettings
 from models.report import format_parameter_report, parameter_report
-from models.runtime import amp_dtype, resolve_amp, resolve_device
+from models.runtime import amp_dtype, resolve_device
 from training.config import PRESET_SHARED_BATCH, TrainConfig
 from training.data import TaskData, make_epoch_loader, scan_cases
 from training.losses import SegmentationLoss
@@ -25,7 +25,7 @@ from training.run_log import RunLog
 from training.setup import ModelSetup
 from training.state import TrainState, save_training_checkpoint
 from training.step import StepOptions, task_for_step, train_step
-from training.validation import mean_dice, validate
+from training.validation import mean_dice, run_inference_settings, validate
 from utils.checkpoint import restore_rng_state
 from utils.io_utils import atomic_write_json
 
@@ -107,13 +107,16 @@ def fit(
     model.set_fused_ops(config.uses_fused_ops(device.type))
     model.to(device)
     if channels_last:
-        model.to(memory_format=torch.channels_last_3d)
+        model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's Module.to stubs lack memory_format
     optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     lr_rule = PlateauHalving(
-        config.lr, window=config.lr_window, min_delta=config.lr_min_delta, factor=config.lr_factor,
+        config.lr,
+        window=config.lr_window,
+        min_delta=config.lr_min_delta,
+        factor=config.lr_factor,
         stop_below=config.lr_stop,
-    )  # fmt: skip
+    )
     state = TrainState()
     resume = prep.resume_ckpt
     if resume is None:  # the preset's seeds (torch's was set before the model was built)
@@ -141,8 +144,17 @@ def fit(
         report = parameter_report(model, setup.task_names, setup.new_task)
         atomic_write_json(run_dir / "params.json", report)
         log.info(format_parameter_report(report))
-        return _epochs(prep, optimizer, scaler, lr_rule, state, log, StepOptions(device, dtype, channels_last),
-                       progress, on_step)  # fmt: skip
+        return _epochs(
+            prep,
+            optimizer,
+            scaler,
+            lr_rule,
+            state,
+            log,
+            StepOptions(device, dtype, channels_last),
+            progress,
+            on_step,
+        )
     finally:
         if own_log:
             log.close()
@@ -168,9 +180,7 @@ def _epochs(
         log.info(f"nothing to train: {state.epoch} epochs done ({why})")
         return state
     loss_fn = SegmentationLoss()
-    infer = InferenceSettings(
-        device=str(device), amp=resolve_amp(config.amp, device), postprocess=config.val_postprocess
-    )
+    infer = run_inference_settings(config, device)
     for t in trained:
         scan_cases(tasks[t])
     log.info(
@@ -193,14 +203,19 @@ def _epochs(
                 num_workers=config.num_workers,
                 augment=config.augment,
                 pin_memory=device.type == "cuda",
-            )  # fmt: skip
+            )
             for t in trained
         }
         sums = dict.fromkeys(trained, 0.0)
         counts = dict.fromkeys(trained, 0)
         wait = 0.0
-        bar = tqdm(total=config.steps_per_epoch, desc=f"{config.mode} epoch {epoch}/{config.max_epoch}",
-                   disable=not progress, leave=False, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=config.steps_per_epoch,
+            desc=f"{config.mode} epoch {epoch}/{config.max_epoch}",
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
         try:
             for _ in range(config.steps_per_epoch):
                 step = state.step + 1
@@ -209,8 +224,17 @@ def _epochs(
                 batch = next(loaders[t])
                 wait += time.perf_counter() - tw
                 want_img = config.log_images_every > 0 and step % config.log_images_every == 0
-                res = train_step(model, optimizer, loss_fn, batch["data"], batch["seg"], t, options,
-                                 scaler=scaler, keep_logits=want_img)  # fmt: skip
+                res = train_step(
+                    model,
+                    optimizer,
+                    loss_fn,
+                    batch["data"],
+                    batch["seg"],
+                    t,
+                    options,
+                    scaler=scaler,
+                    keep_logits=want_img,
+                )
                 state.step = step
                 sums[t] += res.loss
                 counts[t] += 1
@@ -219,8 +243,14 @@ def _epochs(
                 log.scalar("lr", lr_rule.lr, step)
                 if want_img and res.logits is not None:
                     z = res.logits.shape[2] // 2
-                    log.slices(f"train/{names[t]}", batch["data"][0, 0, z].numpy(), batch["seg"][0, 0, z].numpy(),
-                               res.logits[0, :, z].argmax(0).cpu().numpy(), tasks[t].num_classes, step)  # fmt: skip
+                    log.slices(
+                        f"train/{names[t]}",
+                        batch["data"][0, 0, z].numpy(),
+                        batch["seg"][0, 0, z].numpy(),
+                        res.logits[0, :, z].argmax(0).cpu().numpy(),
+                        tasks[t].num_classes,
+                        step,
+                    )
                 bar.update(1)
                 bar.set_postfix(task=names[t][:18], loss=f"{res.loss:.4f}")
                 if on_step is not None:
@@ -238,8 +268,9 @@ def _epochs(
         set_lr(optimizer, new_lr)
         state.epoch = epoch
         state.lr_rule = lr_rule.state_dict()
-        state.loss_history.append({"epoch": epoch, "step": state.step, "loss": epoch_loss, "per_task": per_task,
-                                   "lr": lr_used})  # fmt: skip
+        state.loss_history.append(
+            {"epoch": epoch, "step": state.step, "loss": epoch_loss, "per_task": per_task, "lr": lr_used}
+        )
         log.scalar("loss/epoch", epoch_loss, state.step)
         for name, v in per_task.items():
             log.scalar(f"loss/epoch_{name}", v, state.step)
@@ -257,10 +288,19 @@ def _epochs(
             best = _validate_and_log(prep, infer, state, log, epoch)
         state.finished = last
         save_training_checkpoint(
-            prep.run_dir / "checkpoints", model=model, tasks=setup.checkpoint_tasks(), model_patch=setup.model_patch,
-            state=state, optimizer=optimizer, scaler=scaler, config=config.to_dict(), trained_tasks=trained,
-            new_task=setup.new_task, numbered=config.should_save_numbered(epoch) or last, best=best,
-        )  # fmt: skip
+            prep.run_dir / "checkpoints",
+            model=model,
+            tasks=setup.checkpoint_tasks(),
+            model_patch=setup.model_patch,
+            state=state,
+            optimizer=optimizer,
+            scaler=scaler,
+            config=config.to_dict(),
+            trained_tasks=trained,
+            new_task=setup.new_task,
+            numbered=config.should_save_numbered(epoch) or last,
+            best=best,
+        )
         log.flush()
         if stop:
             log.info(f"learning rate {new_lr:.3g} < {config.lr_stop:g}: training stops after epoch {epoch}")
@@ -275,9 +315,14 @@ def _validate_and_log(
     config, tasks, setup = prep.config, prep.tasks, prep.setup
     t0 = time.perf_counter()
     results = validate(
-        setup.model, tasks, setup.trained_tasks, setup.model_patch, infer, max_cases=config.val_max_cases,
+        setup.model,
+        tasks,
+        setup.trained_tasks,
+        setup.model_patch,
+        infer,
+        max_cases=config.val_max_cases,
         csv_dir=prep.run_dir / "eval" / f"epoch_{epoch:04d}",
-    )  # fmt: skip
+    )
     md = mean_dice(results)
     rows = []
     per_task: dict[str, dict[str, float]] = {}
@@ -290,8 +335,17 @@ def _validate_and_log(
                 continue
             cname = task.class_names[c]
             per_task[task.name][str(c)] = d
-            rows.append({"epoch": epoch, "step": state.step, "task": task.name, "class": c, "class_name": cname,
-                         "dice": f"{d:.6f}", "num_cases": len(res.rows)})  # fmt: skip
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "step": state.step,
+                    "task": task.name,
+                    "class": c,
+                    "class_name": cname,
+                    "dice": f"{d:.6f}",
+                    "num_cases": len(res.rows),
+                }
+            )
             log.scalar(f"val_dice/{task.name}/{c}_{cname}", d, state.step)
         if res.example is not None:
             img, ref, pred = res.example
@@ -309,6 +363,8 @@ def _validate_and_log(
         )
         for name, v in per_task.items()
     )
-    log.info(f"validation after epoch {epoch}: mean Dice {md:.4f}{' (best)' if best else ''} [{detail}] "
-             f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
+    log.info(
+        f"validation after epoch {epoch}: mean Dice {md:.4f}{' (best)' if best else ''} [{detail}] "
+        f"({time.perf_counter() - t0:.1f}s)"
+    )
     return best

@@ -78,7 +78,7 @@ class RunLog:
         lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
         img = np.clip((img - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(img)
         scale = max(num_classes - 1, 1)
-        panels = [img, np.asarray(label, np.float32) / scale]
+        panels: list[np.ndarray] = [img, np.asarray(label, np.float32) / scale]
         if pred is not None:
             panels.append(np.asarray(pred, np.float32) / scale)
         sep = np.ones((img.shape[0], 2), np.float32)

@@ -39,12 +39,14 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any
 
 import numpy as np
 
 from training.augmentation import safe_jitter
 from utils.preprocessing import case_id_of
+from utils.triples import Int3, int3
 
 __all__ = [
     "KINDS",
@@ -55,13 +57,8 @@ __all__ = [
     "num_foreground_samples",
 ]
 
-Shape3 = tuple[int, int, int]
+
 KINDS = ("any", "fore", "small")
-
-
-def _shape3(values: Sequence[Any]) -> Shape3:
-    a, b, c = (int(v) for v in values)
-    return (a, b, c)
 
 
 def num_foreground_samples(batch_size: int) -> int:
@@ -89,14 +86,15 @@ def extract_patch(
     lead = array.shape[:-3]
     if out is None:
         out = np.zeros(lead + tuple(int(s) for s in size), dtype=array.dtype)
-    src, dst = [], []
+    src: list[EllipsisType | slice] = [Ellipsis]  # index (..., z, y, x) of the overlap in array
+    dst: list[EllipsisType | slice] = [Ellipsis]  # and in out
     for st, sz, dim in zip(start, size, array.shape[-3:], strict=True):
         lo, hi = max(int(st), 0), min(int(st) + int(sz), dim)
         if hi <= lo:
             return out
         src.append(slice(lo, hi))
         dst.append(slice(lo - int(st), hi - int(st)))
-    out[(Ellipsis, *dst)] = array[(Ellipsis, *src)]
+    out[tuple(dst)] = array[tuple(src)]
     return out
 
 
@@ -112,7 +110,7 @@ class CaseInfo:
         small_points: ``(K', 3)`` int32 subset of the small-structure voxels.
     """
 
-    shape: Shape3
+    shape: Int3
     fore_bbox: np.ndarray | None
     small_bbox: np.ndarray | None
     fore_points: np.ndarray
@@ -189,29 +187,29 @@ class PatchSampler:
         case_info: Mapping[int, CaseInfo] | None = None,
         max_points: int = 2048,
     ) -> None:
-        cases = [str(c) for c in cases]
-        if not cases:
+        case_paths = [str(c) for c in cases]
+        if not case_paths:
             raise ValueError("no training cases given")
         if batch_size < 1 or draws_per_case < 1:
             raise ValueError("batch_size and draws_per_case must be >= 1")
-        self.cases = cases
+        self.cases = case_paths
         self.batch_size = int(batch_size)
-        self.patch_size = _shape3(patch_size)
-        self.extraction = _shape3(extraction or patch_size)
+        self.patch_size = int3(patch_size)
+        self.extraction = int3(extraction or patch_size)
         if any(e < p or (e - p) % 2 for e, p in zip(self.extraction, self.patch_size, strict=True)):
             raise ValueError(
                 f"extraction {self.extraction} must be >= patch {self.patch_size} with even difference"
             )
-        self.jitter = _shape3(jitter if jitter is not None else safe_jitter(self.patch_size, None))
+        self.jitter = int3(jitter if jitter is not None else safe_jitter(self.patch_size, None))
         self.small_label = small_label if small_label else None
         self.draws_per_case = draws_per_case
         self.p_small = p_small
         self.p_fore = p_fore
         self.seed = int(seed)
         self.max_points = max_points
-        first = np.load(cases[0] + "_image.npy", mmap_mode="r")
+        first = np.load(case_paths[0] + "_image.npy", mmap_mode="r")
         if first.ndim != 4:
-            raise ValueError(f"{cases[0]}_image.npy must be (M, z, y, x), got shape {first.shape}")
+            raise ValueError(f"{case_paths[0]}_image.npy must be (M, z, y, x), got shape {first.shape}")
         self.num_modalities = int(first.shape[0])
         self._info: dict[int, CaseInfo] = dict(case_info or {})
         self._warned_no_fg = False

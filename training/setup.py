@@ -14,15 +14,13 @@ from models.unet import U2Net3D, build_model
 from training.config import PRESET_MODEL_PATCH, PRESET_POOLS, TrainConfig
 from training.data import TaskData
 from utils.task_settings import pools_for_patch
+from utils.triples import Int3, int3
 
-Shape3 = tuple[int, int, int]
 
-
-def _shape3(values: Sequence[Any] | None) -> Shape3 | None:
+def _optional_int3(values: Sequence[Any] | None) -> Int3 | None:
     if values is None:
         return None
-    a, b, c = (int(v) for v in values)
-    return (a, b, c)
+    return int3(values)
 
 
 @dataclass
@@ -41,7 +39,7 @@ class ModelSetup:
     model: U2Net3D
     task_names: list[str]
     task_plans: list[dict[str, Any]]
-    model_patch: Shape3 | None
+    model_patch: Int3 | None
     trained_tasks: list[int]
     new_task: int | None = None
 
@@ -64,7 +62,7 @@ def build_fresh_model(config: TrainConfig, tasks: Sequence[TaskData]) -> ModelSe
     independent: one task, its plans' pools (or ``config.pools``) and patch; shared/universal: one
     model for all tasks with ``config.pools`` (preset 5,5,5) and ``config.model_patch`` (preset 128³).
     """
-    model_patch: Shape3 | None = None
+    model_patch: Int3 | None = None
     if config.mode == "independent":
         if len(tasks) != 1:
             raise ValueError("an independent model has exactly one task")
@@ -78,7 +76,7 @@ def build_fresh_model(config: TrainConfig, tasks: Sequence[TaskData]) -> ModelSe
         check_patch_fits(task.patch_size, pools, f"{task.name} patch")
     else:
         pools = [int(v) for v in (config.pools or PRESET_POOLS)]
-        model_patch = _shape3(config.model_patch or PRESET_MODEL_PATCH)
+        model_patch = _optional_int3(config.model_patch or PRESET_MODEL_PATCH)
         check_patch_fits(config.model_patch or PRESET_MODEL_PATCH, pools, "model patch")
     torch.manual_seed(config.torch_seed)
     model = build_model(
@@ -126,7 +124,7 @@ def adapt_to_new_task(
         model=model,
         task_names=[*names, new_task.name],
         task_plans=[dict(t["plans"]) for t in old_tasks] + [dict(new_task.plans)],
-        model_patch=_shape3(ckpt.get("model_patch")),
+        model_patch=_optional_int3(ckpt.get("model_patch")),
         trained_tasks=[idx],
         new_task=idx,
     )
@@ -145,7 +143,7 @@ def setup_from_checkpoint(ckpt: Mapping[str, Any]) -> ModelSetup:
         model=model,
         task_names=[t["name"] for t in tasks],
         task_plans=[dict(t["plans"]) for t in tasks],
-        model_patch=_shape3(ckpt.get("model_patch")),
+        model_patch=_optional_int3(ckpt.get("model_patch")),
         trained_tasks=trained,
         new_task=None if new_task is None else int(new_task),
     )

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from models.unet import U2Net3D
 from utils.checkpoint import load_checkpoint, rng_state_to_plain, save_checkpoint
 from utils.io_utils import atomic_link_or_copy
 
@@ -66,7 +67,7 @@ class TrainState:
 def save_training_checkpoint(
     ckpt_dir: Path,
     *,
-    model: torch.nn.Module,
+    model: U2Net3D,
     tasks: list[dict[str, Any]],
     model_patch: tuple[int, ...] | None,
     state: TrainState,
@@ -93,7 +94,7 @@ def save_training_checkpoint(
     latest = ckpt_dir / LATEST
     save_checkpoint(
         latest,
-        model.config.to_dict(),  # type: ignore[union-attr]
+        model.config.to_dict(),
         tasks,
         state_dict,
         model_patch=model_patch,

@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from inference.geometry import write_label_nifti
 from inference.predictor import Segmenter, TaskModel
 from inference.settings import InferenceSettings
+from models.runtime import resolve_amp
 from models.unet import U2Net3D
+from training.config import TrainConfig
 from training.data import TaskData
 from utils.io_utils import read_json
 from utils.metrics import evaluate_case, mean_per_class, write_metrics_csv
@@ -35,6 +38,20 @@ class TaskValidation:
     rows: list[dict[str, Any]] = field(default_factory=list)
     means: dict[str, float] = field(default_factory=dict)
     example: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # image, label, prediction slices
+
+
+def run_inference_settings(
+    config: TrainConfig, device: torch.device, *, postprocess: bool | None = None, progress: bool = False
+) -> InferenceSettings:
+    """The inference settings of a training run (validation and ``--predict``): the paper preset's
+    sliding window on the run's device, with the run's mixed precision (a bf16 run validates in
+    bf16). ``postprocess`` defaults to the run's ``val_postprocess``."""
+    return InferenceSettings(
+        device=str(device),
+        amp=resolve_amp(config.amp, device),
+        postprocess=config.val_postprocess if postprocess is None else postprocess,
+        progress=progress,
+    )
 
 
 def task_segmenter(

@@ -4,7 +4,8 @@ What lives here: Decathlon reading (:mod:`utils.decathlon`), the per-task settin
 derivation (:mod:`utils.task_settings`), per-case preprocessing (:mod:`utils.preprocessing`) and the
 parallel, resumable runner over whole tasks (:mod:`utils.prep_runner`), cross-validation folds
 (:mod:`utils.folds`), Dice/HD95 (:mod:`utils.metrics`), the checkpoint file format
-(:mod:`utils.checkpoint`) and the one atomic file writer (:mod:`utils.io_utils`).
+(:mod:`utils.checkpoint`), the one atomic file writer (:mod:`utils.io_utils`) and typed (z, y, x)
+triples (:mod:`utils.triples`).
 
 Imports: third-party libraries only; nothing from ``models``, ``training``, ``inference`` or ``demo``
 (they build on this package, never the other way round).

@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from utils.io_utils import read_json
+from utils.triples import float3
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -41,6 +42,7 @@ __all__ = [
     "check_same_geometry",
     "find_tasks",
     "is_junk_file",
+    "load_nifti",
     "load_task",
     "read_geometry",
     "read_image",
@@ -212,6 +214,14 @@ def load_task(task_dir: str | os.PathLike[str]) -> DecathlonTask:
 # ---------------------------------------------------------------------------------------------
 
 
+def load_nifti(path: str | os.PathLike[str]) -> nib.Nifti1Image:
+    """``nibabel.load`` of a NIfTI file (NIfTI-2 images are a subclass); TypeError for other formats."""
+    img = nib.load(str(path))
+    if not isinstance(img, nib.Nifti1Image):
+        raise TypeError(f"not a NIfTI image: nibabel reads it as {type(img).__name__}")
+    return img
+
+
 def check_nifti_integrity(path: str | os.PathLike[str]) -> None:
     """Make sure a NIfTI file holds all the voxel data its header announces.
 
@@ -226,8 +236,7 @@ def check_nifti_integrity(path: str | os.PathLike[str]) -> None:
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
-        img = nib.load(str(path))
-        header = img.header
+        header = load_nifti(path).header
         shape = header.get_data_shape()
         itemsize = np.dtype(header.get_data_dtype()).itemsize
         offset = int(header.get_data_offset())
@@ -261,8 +270,8 @@ def _geometry_from_image(image: sitk.Image) -> Geometry:
         raise ValueError(f"{dim}D image")
     return Geometry(
         size_zyx=(int(size[2]), int(size[1]), int(size[0])),
-        spacing_xyz=tuple(float(s) for s in image.GetSpacing()[:3]),  # type: ignore[arg-type]
-        origin_xyz=tuple(float(o) for o in image.GetOrigin()[:3]),  # type: ignore[arg-type]
+        spacing_xyz=float3(image.GetSpacing()[:3]),
+        origin_xyz=float3(image.GetOrigin()[:3]),
         direction=direction,
         n_modalities=n_mod,
     )
@@ -295,8 +304,8 @@ def read_geometry(path: str | os.PathLike[str]) -> Geometry:
         n_mod = int(size[3])
     return Geometry(
         size_zyx=(int(size[2]), int(size[1]), int(size[0])),
-        spacing_xyz=tuple(float(s) for s in reader.GetSpacing()[:3]),  # type: ignore[arg-type]
-        origin_xyz=tuple(float(o) for o in reader.GetOrigin()[:3]),  # type: ignore[arg-type]
+        spacing_xyz=float3(reader.GetSpacing()[:3]),
+        origin_xyz=float3(reader.GetOrigin()[:3]),
         direction=direction,
         n_modalities=n_mod,
     )

@@ -94,11 +94,10 @@ def fold_case_ids(
     ``fold_splits`` is the file path or its parsed content ``{"<Task>": [{"train": [...], "val": [...]},
     ...]}``. Ids are used as given; an id ending in ``.nii.gz`` is stripped to the case id.
     """
-    if not isinstance(fold_splits, Mapping):
-        fold_splits = read_json(fold_splits)
-    if task not in fold_splits:
-        raise KeyError(f"task {task!r} not in fold splits (have {sorted(fold_splits)})")
-    folds = fold_splits[task]
+    splits: Mapping[str, Any] = fold_splits if isinstance(fold_splits, Mapping) else read_json(fold_splits)
+    if task not in splits:
+        raise KeyError(f"task {task!r} not in fold splits (have {sorted(splits)})")
+    folds = splits[task]
     if not 0 <= fold < len(folds):
         raise IndexError(f"fold {fold} out of range: {task} has {len(folds)} folds")
     ids = folds[fold][part]

@@ -111,7 +111,7 @@ def run_case(job: CaseJob) -> CaseResult:
     t0 = time.perf_counter()
     train = job.label is not None
     try:
-        if train:
+        if job.label is not None:
             img, lab, weight, side = preprocess_case(job.image, job.label, job.plans)
             save_case(job.out_dir, job.case_id, img, weight, side, label=lab)
         else:

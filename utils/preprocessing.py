@@ -42,6 +42,7 @@ from utils.decathlon import (
     read_label,
 )
 from utils.io_utils import atomic_save_npy, atomic_write_json
+from utils.task_settings import estimate_resampled_shape
 
 __all__ = [
     "CROP_MARGIN",
@@ -52,7 +53,6 @@ __all__ = [
     "crop_to_box",
     "label_class_voxels",
     "list_cases",
-    "new_shape_for_spacing",
     "nonzero_bbox",
     "normalise_modality",
     "preprocess_arrays",
@@ -117,16 +117,6 @@ def crop_to_box(volume: np.ndarray, box: Sequence[Sequence[int]]) -> np.ndarray:
     """Crop the last three axes of ``volume`` to a half-open (z, y, x) box."""
     (z0, z1), (y0, y1), (x0, x1) = box
     return volume[..., z0:z1, y0:y1, x0:x1]
-
-
-def new_shape_for_spacing(
-    shape_zyx: Sequence[int], spacing_zyx: Sequence[float], target_spacing_zyx: Sequence[float]
-) -> tuple[int, int, int]:
-    """Shape that covers the same physical extent at ``target_spacing_zyx`` (rounded, >= 1)."""
-    return tuple(  # type: ignore[return-value]
-        max(1, int(round(n * s / t)))
-        for n, s, t in zip(shape_zyx, spacing_zyx, target_spacing_zyx, strict=True)
-    )
 
 
 def resample_volume(
@@ -228,7 +218,7 @@ def _target_spacing(plans: Mapping[str, Any]) -> tuple[float, float, float]:
     ts = tuple(float(s) for s in plans["target_spacing"])
     if len(ts) != 3 or any(not s > 0 for s in ts):
         raise ValueError(f"plans target_spacing must be 3 positive numbers, got {plans['target_spacing']!r}")
-    return ts  # type: ignore[return-value]
+    return ts
 
 
 def preprocess_arrays(
@@ -259,7 +249,7 @@ def preprocess_arrays(
     box = nonzero_bbox(image[0], CROP_MARGIN)
     cropped = crop_to_box(image, box)
     crop_shape = cropped.shape[1:]
-    new_shape = new_shape_for_spacing(crop_shape, geometry.spacing_zyx, target)
+    new_shape = estimate_resampled_shape(crop_shape, geometry.spacing_zyx, target)
 
     zero_mask = str(norm.get("zero_mask", "none"))
     if zero_mask not in ("none", "nearest"):

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from utils.triples import float3, int3
+
 __all__ = [
     "DEFAULT_MAX_VOXELS",
     "NORMALISATION",
@@ -152,14 +154,15 @@ def median_spacing(spacings_zyx: Sequence[Sequence[float]], decimals: int = 4) -
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] != 3:
         raise ValueError(f"need a non-empty list of (z, y, x) spacings, got shape {arr.shape}")
     med = np.median(arr, axis=0)
-    return tuple(round(float(v), decimals) for v in med)  # type: ignore[return-value]
+    return float3(round(float(v), decimals) for v in med)
 
 
 def estimate_resampled_shape(
     shape_zyx: Sequence[int], spacing_zyx: Sequence[float], target_spacing_zyx: Sequence[float]
 ) -> tuple[int, int, int]:
-    """Shape after resampling to ``target_spacing_zyx`` (same physical extent, rounded, >= 1)."""
-    return tuple(  # type: ignore[return-value]
+    """Shape that covers the same physical extent at ``target_spacing_zyx`` (rounded, >= 1): the
+    shape a case has after resampling."""
+    return int3(
         max(1, int(round(n * s / t)))
         for n, s, t in zip(shape_zyx, spacing_zyx, target_spacing_zyx, strict=True)
     )
@@ -170,7 +173,7 @@ def median_shape(shapes_zyx: Sequence[Sequence[int]]) -> tuple[int, int, int]:
     arr = np.asarray(shapes_zyx, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] != 3:
         raise ValueError(f"need a non-empty list of (z, y, x) shapes, got shape {arr.shape}")
-    return tuple(int(round(float(v))) for v in np.median(arr, axis=0))  # type: ignore[return-value]
+    return int3(round(float(v)) for v in np.median(arr, axis=0))
 
 
 def pools_for_patch(
@@ -187,7 +190,7 @@ def pools_for_patch(
         while p < max_pools and size / 2 ** (p + 1) >= min_bottom:
             p += 1
         pools.append(p)
-    return tuple(pools)  # type: ignore[return-value]
+    return int3(pools)
 
 
 def derive_patch_and_pools(
@@ -218,12 +221,12 @@ def derive_patch_and_pools(
         else:  # nothing can shrink any more
             break
     pools = (
-        tuple(int(p) for p in pools_per_axis)
+        int3(pools_per_axis)
         if pools_per_axis is not None
         else pools_for_patch(patch, min_bottom=min_bottom, max_pools=max_pools)
     )
     patch = [max(2**p, (n // 2**p) * 2**p) for n, p in zip(patch, pools, strict=True)]
-    return tuple(patch), pools  # type: ignore[return-value]
+    return int3(patch), pools
 
 
 def derive_batch_size(
@@ -252,14 +255,14 @@ def _positive_floats(value: Sequence[Any], name: str) -> tuple[float, float, flo
     vals = tuple(float(v) for v in value)
     if len(vals) != 3 or any(not v > 0 for v in vals):
         raise ValueError(f"{name} must be 3 positive numbers (z, y, x), got {value!r}")
-    return vals  # type: ignore[return-value]
+    return vals
 
 
 def _ints(value: Sequence[Any], name: str, minimum: int) -> tuple[int, int, int]:
     vals = tuple(int(v) for v in value)
     if len(vals) != 3 or any(v < minimum for v in vals):
         raise ValueError(f"{name} must be 3 integers >= {minimum} (z, y, x), got {value!r}")
-    return vals  # type: ignore[return-value]
+    return vals
 
 
 def build_plans(
@@ -328,7 +331,7 @@ def build_plans(
         spacing = _positive_floats(target_spacing, "target_spacing")
         overrides.append("target_spacing")
     elif row.target_spacing is not None:
-        spacing = tuple(row.target_spacing)
+        spacing = float3(row.target_spacing)
     else:
         spacing = median_spacing(case_spacings_zyx)
     if resampled_shapes_zyx:
@@ -355,9 +358,9 @@ def build_plans(
         patch = patch_o
         pools = pools_o or pools_for_patch(patch, min_bottom=min_bottom, max_pools=max_pools)
     elif row.patch_size is not None:
-        patch = tuple(row.patch_size)
+        patch = int3(row.patch_size)
         pools = pools_o or (
-            tuple(row.pools_per_axis)
+            int3(row.pools_per_axis)
             if row.pools_per_axis is not None
             else pools_for_patch(patch, min_bottom=min_bottom, max_pools=max_pools)
         )
