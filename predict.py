@@ -7,7 +7,12 @@ Every input image (3D, or 4D with the modalities on the 4th axis) is preprocesse
 stored in the checkpoint, segmented with a sliding window, post-processed, put back into its
 original geometry and written as a uint8 NIfTI label map with the same file name. Inputs that fail
 (unreadable, wrong number of modalities, ...) are reported by name; the others are still
-segmented, and the exit status is then 1. See docs/inference.md.
+segmented, and the exit status is then 1. Label maps are written atomically, so those already in
+the output folder are complete and kept (a rerun after an interruption does only the rest) unless
+--overwrite. See docs/inference.md and docs/reliability.md.
+
+``--model FILE`` segments with one domain exported by ``python -m models.export`` (ONNX or
+TorchScript) instead of a checkpoint; see docs/export_and_report.md.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from inference.exported import load_exported_task
 from inference.predictor import Segmenter, TaskModel
-from inference.settings import UNIFIED_MODES, WEIGHT_MODES, InferenceSettings
+from inference.settings import BLEND_MODES, UNIFIED_MODES, VOLUME_RESIZES, WEIGHT_MODES, InferenceSettings
 from models.runtime import AMP_MODES, keep_freed_memory_in_heap, resolve_amp, resolve_device
 from utils.checkpoint import CheckpointError
 
@@ -40,18 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] + " See docs/inference.md.",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--ckp",
-        required=True,
         metavar="CKPT",
         help="checkpoint file written by training (model settings, task plans and weights)",
+    )
+    source.add_argument(
+        "--model",
+        metavar="FILE",
+        help="instead of --ckp: one domain exported by 'python -m models.export' (.onnx, run with "
+        "onnxruntime on the CPU, or a TorchScript .pt); it carries its task's plans",
     )
     p.add_argument(
         "--task",
         default=None,
         metavar="NAME",
         help="task to segment, as named in the checkpoint (e.g. Task04_Hippocampus); "
-        "may be left out when the checkpoint holds a single task",
+        "may be left out when the checkpoint holds a single task (with --model: checked against "
+        "the file's task)",
     )
     p.add_argument(
         "--input",
@@ -100,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
         "at the corners (paper); 'gaussian'; 'constant' = plain average",
     )
     p.add_argument(
+        "--blend",
+        default=DEFAULTS.blend,
+        choices=BLEND_MODES,
+        help="what overlapping windows are blended as: 'logits' (the paper; labels = argmax of the weighted "
+        "logits) or softmax 'probabilities'",
+    )
+    p.add_argument(
+        "--volume_resize",
+        default=DEFAULTS.volume_resize,
+        choices=VOLUME_RESIZES,
+        help="with --unified_mode volume: scale the image 'cubic' (the paper, as in training) or 'trilinear'",
+    )
+    p.add_argument(
         "--unified_mode",
         default=DEFAULTS.unified_mode,
         choices=UNIFIED_MODES,
@@ -121,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the blended class scores in float16 (halves that memory; for huge CT volumes)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="segment every input again; by default inputs whose label map already exists in --output are "
+        "skipped (outputs are written atomically, so an existing one is complete: a rerun after an "
+        "interruption only does what is missing)",
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
@@ -133,6 +166,8 @@ def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
         batch_size=args.batch_size,
         step_fraction=args.step_fraction,
         weight_mode=args.weight_mode,
+        blend=args.blend,
+        volume_resize=args.volume_resize,
         mirror_tta=args.tta,
         postprocess=not args.no_postprocess,
         unified_mode=args.unified_mode,
@@ -151,15 +186,29 @@ def main(argv: Sequence[str] | None = None, *, tune_cpu_allocator: bool = False)
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
-        task = TaskModel.from_checkpoint(args.ckp, args.task, settings.device)
+        if args.model is not None:
+            task = load_exported_task(args.model, args.task, settings.device)
+        else:
+            task = TaskModel.from_checkpoint(args.ckp, args.task, settings.device)
     except (CheckpointError, ValueError, RuntimeError) as e:
         print(f"predict.py: {e}", file=sys.stderr)
         return 2
     if tune_cpu_allocator and settings.device == "cpu":
         keep_freed_memory_in_heap()  # faster CPU inference on large volumes
-    report = Segmenter(task, settings).predict_files(args.input, args.output)
-    n_in = len(report.written) + len(report.failed)
+    try:
+        report = Segmenter(task, settings).predict_files(
+            args.input, args.output, skip_existing=not args.overwrite
+        )
+    except OSError as e:  # the output folder cannot be created or written
+        print(f"predict.py: {e}", file=sys.stderr)
+        return 2
+    n_in = len(report.written) + len(report.failed) + len(report.skipped)
     print(f"wrote {len(report.written)} of {n_in} label maps to {args.output}", file=sys.stderr)
+    if report.skipped:
+        print(
+            f"{len(report.skipped)} label map(s) already in {args.output} were kept (--overwrite redoes them)",
+            file=sys.stderr,
+        )
     if report.failed:
         print(f"{len(report.failed)} input(s) failed:", file=sys.stderr)
         for path, why in report.failed:

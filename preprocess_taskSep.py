@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(1, 2),
         help="post-processing: keep the largest 1 or 2 components",
     )
+    g.add_argument(
+        "--zero_upper_half_x",
+        choices=("on", "off"),
+        default=None,
+        help="post-processing: clear every voxel at last-axis index >= W // 2 before keeping the largest "
+        "component (the original did this for Task09_Spleen only, which is 'on' by default)",
+    )
     g.add_argument("--small_label", type=int, help='class whose bounding box "small" patches sample')
     g.add_argument(
         "--zero_mask",
@@ -119,6 +126,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "small_label": args.small_label,
         "max_voxels": args.max_voxels,
         "zero_mask": args.zero_mask,
+        "zero_upper_half_x": None if args.zero_upper_half_x is None else args.zero_upper_half_x == "on",
     }
     out.update({k: v for k, v in pairs.items() if v is not None})
     if args.ignore_preset:
@@ -152,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"in {summary.seconds:.1f} s; prepared data in {args.prep_dir}"
     )
     if summary.folds_added:
-        print(f"fold splits added to {folds_file} for: {', '.join(summary.folds_added)}")
+        added = ", ".join(f"{task} ({source})" for task, source in summary.folds_added.items())
+        print(f"fold splits added to {folds_file} for: {added}")
     if summary.task_errors:
         print("\nFailed tasks:")
         for task, reason in summary.task_errors.items():

@@ -5,11 +5,13 @@
 #                                   independent model per task, shared model, universal model, and the
 #                                   shared and universal models adapted to Task09_Spleen
 #   bash train_models.sh --demo     laptop demo on generated data: under 10 minutes on 2 CPU cores
+#                                   (--demo --seed N: another seed for the data and the training runs)
 #   bash train_models.sh --dry_run  print the paper list's commands without running them
 #
 # Environment: PYTHON (default: the first of python, python3, .venv/bin/python that has the
 # requirements), TAG (paper list: output folder tag, default "paper"), DEVICE (paper list: default
-# cuda). See docs/training.md.
+# cuda); demo: DEMO_SEED (as --seed), DEMO_TRAIN_ARGS / DEMO_PREDICT_ARGS (extra flags for every
+# training run / predict.py call, e.g. DEMO_TRAIN_ARGS="--grad_none"). See docs/training.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 # the first Python that has the requirements: $PYTHON, python, python3, ./.venv/bin/python
@@ -33,20 +35,23 @@ paper() {
     # data: header statistics, preprocessing (resumable: finished cases are skipped) and fold splits
     $run "$PY" data_explore.py --dataset_dir dataset
     $run "$PY" preprocess_taskSep.py --dataset_dir dataset --prep_dir prepData
+    # every run with --continue: rerunning the list after an interruption resumes each run from its
+    # last checkpoint (finished runs have nothing left to train)
     # independent models (one per task, each with its own patch, pools and batch size)
     for task in $FIVE Task09_Spleen; do
-        $run "$PY" train_model_no_adapters.py --trainMode independent --out_tag "$TAG" --device "$DEV" --tasks "$task"
+        $run "$PY" train_model_no_adapters.py --trainMode independent --out_tag "$TAG" --device "$DEV" --tasks "$task" \
+            --continue
     done
     # shared model, then adapted to Task09_Spleen (shared weights frozen; new heads and norms)
-    $run "$PY" train_model_no_adapters.py --trainMode shared --out_tag "$TAG" --device "$DEV" --tasks $FIVE
+    $run "$PY" train_model_no_adapters.py --trainMode shared --out_tag "$TAG" --device "$DEV" --tasks $FIVE --continue
     $run "$PY" train_model_wt_adapters.py --trainMode shared --out_tag "${TAG}_adapted2spleen" --device "$DEV" \
-        --tasks Task09_Spleen --ckp "results/res_u2net3d_shared_${TAG}/${FIVE_DIR}/checkpoints/best.pt"
+        --tasks Task09_Spleen --ckp "results/res_u2net3d_shared_${TAG}/${FIVE_DIR}/checkpoints/best.pt" --continue
     # universal model (separable adapters), then adapted to Task09_Spleen (new depthwise adapters, norms, heads)
     $run "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --base_outChans 16 \
-        --out_tag "$TAG" --device "$DEV" --tasks $FIVE
+        --out_tag "$TAG" --device "$DEV" --tasks $FIVE --continue
     $run "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --base_outChans 16 \
         --out_tag "${TAG}_sep_adapted2spleen" --device "$DEV" --tasks Task09_Spleen \
-        --ckp "results/res_u2net3d_universal_${TAG}/${FIVE_DIR}/checkpoints/best.pt"
+        --ckp "results/res_u2net3d_universal_${TAG}/${FIVE_DIR}/checkpoints/best.pt" --continue
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -59,6 +64,15 @@ DEMO_TASKS="Task91_DemoLiverCT Task92_DemoHippoMR Task93_DemoProstateMR"
 DEMO_NEW=Task94_DemoSpleenCT
 
 demo() {
+    # --seed N (or DEMO_SEED=N): seed of the generated data and of every training run; without it the
+    # data use seed 0 and the runs the preset's seeds (NumPy 1993, torch 1)
+    local seed="${DEMO_SEED:-}"
+    while (($#)); do
+        case "$1" in
+            --seed) seed="$2"; shift 2 ;;
+            *) echo "unknown demo option $1 (use --seed N)" >&2; exit 2 ;;
+        esac
+    done
     local t0=$SECONDS
     local logs="$DEMO_RES/logs"
     # two single-threaded processes at a time use 2 cores best (small tensors scale badly over threads)
@@ -72,11 +86,19 @@ demo() {
     local common=(--prep_dir "$DEMO_PREP" --results_dir "$DEMO_RES"
         --dataset_dir "$DEMO_DATA" --base_outChans 8 --batch_size 2 --lr "${DEMO_LR:-3e-3}" --val_every 0 --save_every 1000
         --num_workers 0 --threads 1 --device cpu --log_images_every 200 --no_progress)
-    local multi=(--model_patch 32 32 32 --pools 3 3 3 --max_epoch "${DEMO_EPOCHS_MULTI:-4}" --steps_per_epoch 150)
+    if [[ -n "$seed" ]]; then common+=(--seed "$seed" --torch_seed "$seed"); fi
+    # extra flags for every training run / every predict.py call (e.g. DEMO_TRAIN_ARGS="--grad_none")
+    read -r -a extra_train <<< "${DEMO_TRAIN_ARGS:-}"
+    read -r -a extra_predict <<< "${DEMO_PREDICT_ARGS:-}"
+    common+=("${extra_train[@]}")
+    local multi=(--model_patch 32 32 32 --pools 3 3 3 --max_epoch "${DEMO_EPOCHS_MULTI:-4}"
+        --steps_per_epoch "${DEMO_STEPS_MULTI:-150}")
+    local indep=(--patch_size 32 32 32 --max_epoch "${DEMO_EPOCHS_INDEP:-4}" --steps_per_epoch "${DEMO_STEPS_INDEP:-50}")
+    local adapt=(--max_epoch "${DEMO_EPOCHS_ADAPT:-4}" --steps_per_epoch "${DEMO_STEPS_ADAPT:-50}")
 
     stamp "generating demo tasks into $DEMO_DATA/"
     rm -rf "$DEMO_DATA"
-    "$PY" -m demo.data --out "$DEMO_DATA" --n_train 12 --n_test 3 --size "${DEMO_SIZE:-40}"
+    "$PY" -m demo.data --out "$DEMO_DATA" --n_train 12 --n_test 3 --size "${DEMO_SIZE:-40}" --seed "${seed:-0}"
     stamp "data_explore.py"
     "$PY" data_explore.py --dataset_dir "$DEMO_DATA" --out_dir "$DEMO_RES/data_explore" --no_progress > "$logs/data_explore.log"
     stamp "preprocess_taskSep.py -> $DEMO_PREP/"
@@ -86,7 +108,7 @@ demo() {
     # two training processes at a time (one thread each): the 2 cores stay busy
     stamp "training independent models (log $logs/independent.log) and the universal model ($logs/universal.log)"
     "$PY" train_model_no_adapters.py --trainMode independent --out_tag demo --tasks $DEMO_TASKS "${common[@]}" \
-        --patch_size 32 32 32 --max_epoch 4 --steps_per_epoch 50 > "$logs/independent.log" 2>&1 &
+        "${indep[@]}" > "$logs/independent.log" 2>&1 &
     local p1=$!
     "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo \
         --tasks $DEMO_TASKS "${common[@]}" "${multi[@]}" > "$logs/universal.log" 2>&1 &
@@ -98,13 +120,20 @@ demo() {
     local p3=$!
     wait $p2 || { tail -20 "$logs/universal.log"; exit 1; }
     local uni="$DEMO_RES/res_u2net3d_universal_demo/${DEMO_TASKS// /_}"
-    stamp "universal model done; adapting it to the new domain $DEMO_NEW ($logs/universal_adapted.log)"
-    "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted \
-        --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" --max_epoch 4 --steps_per_epoch 50 \
-        > "$logs/universal_adapted.log" 2>&1 &
+    stamp "universal model done; adapting it to the new domain $DEMO_NEW, extending it ($logs/universal_adapted.log)" \
+        "and as the original code did ($logs/universal_adapted_original.log)"
+    (
+        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted \
+            --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" "${adapt[@]}" \
+            > "$logs/universal_adapted.log" 2>&1 || { tail -20 "$logs/universal_adapted.log"; exit 1; }
+        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted_original \
+            --adapt_scope original_code --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
+            "${adapt[@]}" > "$logs/universal_adapted_original.log" 2>&1 \
+            || { tail -20 "$logs/universal_adapted_original.log"; exit 1; }
+    ) &
     local p4=$!
     wait $p3 || { tail -20 "$logs/shared.log"; exit 1; }
-    wait $p4 || { tail -20 "$logs/universal_adapted.log"; exit 1; }
+    wait $p4 || exit 1
 
     stamp "segmenting the test images with predict.py ($logs/predict.log)"
     local jobs=()
@@ -114,6 +143,7 @@ demo() {
         jobs+=("universal $uni $task")
     done
     jobs+=("universal_adapted $DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW $DEMO_NEW")
+    jobs+=("universal_adapted_original $DEMO_RES/res_u2net3d_universal_demo_adapted_original/$DEMO_NEW $DEMO_NEW")
     : > "$logs/predict.log"
     local lane lane_pids=()
     for lane in 0 1; do
@@ -123,7 +153,8 @@ demo() {
                 if ((i % 2 == lane)); then
                     read -r mode dir task <<< "$job"
                     "$PY" predict.py --ckp "$dir/checkpoints/best.pt" --task "$task" --input "$DEMO_DATA/$task/imagesTs" \
-                        --output "$DEMO_RES/predictions/$mode/$task" --no_progress >> "$logs/predict.log" 2>&1
+                        --output "$DEMO_RES/predictions/$mode/$task" --no_progress "${extra_predict[@]}" \
+                        >> "$logs/predict.log" 2>&1
                 fi
                 i=$((i + 1))
             done
@@ -139,13 +170,40 @@ demo() {
         --run independent="$DEMO_RES/res_u2net3d_independent_demo" \
         --run shared="$DEMO_RES/res_u2net3d_shared_demo/${DEMO_TASKS// /_}" \
         --run universal="$uni" \
-        --run universal_adapted="$DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW" --strict
+        --run universal_adapted="$DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW" \
+        --run universal_adapted_original="$DEMO_RES/res_u2net3d_universal_demo_adapted_original/$DEMO_NEW" --strict
     stamp "done in $((SECONDS - t0)) s; summary: $DEMO_RES/summary.csv"
     echo "demo wall time: $((SECONDS - t0)) s" > "$DEMO_RES/wall_time.txt"
+
+    # one domain of the universal model exported on its own (TorchScript, and ONNX where onnx and
+    # onnxruntime are installed) segments the test images: report.html checks it gives the same labels
+    local hippo=Task92_DemoHippoMR fmt cmp=()
+    local formats=(torchscript:pt)
+    if "$PY" -c "import onnx, onnxruntime" > /dev/null 2>&1; then formats+=(onnx:onnx); fi
+    : > "$logs/export.log"
+    for fmt in "${formats[@]}"; do
+        stamp "exporting $hippo of the universal model as ${fmt%%:*}; segmenting its test images with it"
+        "$PY" -m models.export --ckp "$uni/checkpoints/best.pt" --task "$hippo" --format "${fmt%%:*}" \
+            --out "$DEMO_RES/export/$hippo.${fmt##*:}" >> "$logs/export.log" 2>&1 || { tail -20 "$logs/export.log"; exit 1; }
+        "$PY" predict.py --model "$DEMO_RES/export/$hippo.${fmt##*:}" --input "$DEMO_DATA/$hippo/imagesTs" \
+            --output "$DEMO_RES/predictions/exported_${fmt%%:*}/$hippo" --no_progress >> "$logs/export.log" 2>&1 \
+            || { tail -20 "$logs/export.log"; exit 1; }
+        cmp+=(--export_file "$DEMO_RES/export/$hippo.${fmt##*:}" --compare "exported_${fmt%%:*}=universal")
+    done
+    grep -m1 "^parameters" "$logs/export.log" || true
+    stamp "visual report: charts, training curves, test-case overlays ($logs/report.log)"
+    "$PY" -m reporting --results_dir "$DEMO_RES" --dataset_dir "$DEMO_DATA" \
+        --eval independent="$DEMO_RES/res_u2net3d_independent_demo" \
+        --eval shared="$DEMO_RES/res_u2net3d_shared_demo/${DEMO_TASKS// /_}" \
+        --eval universal="$uni" \
+        --eval universal_adapted="$DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW" \
+        --eval universal_adapted_original="$DEMO_RES/res_u2net3d_universal_demo_adapted_original/$DEMO_NEW" \
+        "${cmp[@]}" --strict > "$logs/report.log" 2>&1 || { tail -20 "$logs/report.log"; exit 1; }
+    echo "report: $DEMO_RES/report.html"
 }
 
 case "${1:-}" in
-    --demo) demo ;;
+    --demo) shift; demo "$@" ;;
     --dry_run) paper echo ;;
     "") paper "" ;;
     -h | --help) sed -n '2,12p' "$0" ;;

@@ -55,6 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from models import build_model, count_parameters  # noqa: E402
 from models.runtime import keep_freed_memory_in_heap  # noqa: E402
+from utils.io_utils import atomic_write_json  # noqa: E402
 
 
 def run_one(
@@ -217,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     ratio("universal-separable/fast", "independent/plain")
     ratio("universal-separable/fast", "independent/fast")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"patch": patch, "batch": args.batch, "device": args.device, "results": results}, f, indent=1
-            )
+        atomic_write_json(
+            args.json,
+            {"patch": patch, "batch": args.batch, "device": args.device, "results": results},
+            indent=1,
+        )
     return 0
 
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from demo.data import generate_demo_data  # noqa: E402
 from utils.decathlon import check_nifti_integrity, read_image, read_label  # noqa: E402
+from utils.io_utils import atomic_write_nifti  # noqa: E402
 from utils.prep_runner import run_preprocessing  # noqa: E402
 from utils.preprocessing import preprocess_arrays, save_case  # noqa: E402
 from utils.task_settings import NORMALISATION  # noqa: E402
@@ -56,7 +57,7 @@ def ct_like_case(folder: Path, shape_zyx: tuple[int, int, int], seed: int = 0) -
         im = sitk.GetImageFromArray(arr)
         im.SetSpacing((0.7, 0.7, 2.5))
         im.SetOrigin((-180.0, -180.0, -500.0))
-        sitk.WriteImage(im, str(folder / name), useCompression=True)
+        atomic_write_nifti(im, folder / name)
         paths.append(folder / name)
     return paths[0], paths[1]
 

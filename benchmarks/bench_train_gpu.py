@@ -43,6 +43,7 @@ from training.data import TaskData, make_epoch_loader, scan_cases  # noqa: E402
 from training.losses import SegmentationLoss  # noqa: E402
 from training.optim import make_optimizer  # noqa: E402
 from training.step import StepOptions, train_step  # noqa: E402
+from utils.io_utils import atomic_write_json  # noqa: E402
 from utils.preprocessing import list_cases  # noqa: E402
 
 #: (name, modalities, classes, task patch, pools) of the five-task preset (docs/paper_preset.md)
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             del model
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "results": results}, indent=2))
+        atomic_write_json(args.json, {"info": info, "results": results})
     return 0
 
 

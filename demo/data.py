@@ -39,7 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from utils.io_utils import atomic_write_json, atomic_write_nifti
+from utils.io_utils import atomic_write, atomic_write_json, atomic_write_nifti
 from utils.triples import float3, int3
 
 __all__ = ["DEMO_TASKS", "DemoCase", "DemoTask", "generate_demo_data", "generate_task", "main"]
@@ -397,8 +397,9 @@ def generate_task(
             )
     if name == "Task92_DemoHippoMR" and n_train:  # MSD quirk: macOS resource forks in the archive
         for sub in ("imagesTr", "labelsTr"):
-            (root / sub / f"._{task.prefix}_001.nii.gz").write_bytes(
-                b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X"
+            atomic_write(
+                root / sub / f"._{task.prefix}_001.nii.gz",
+                lambda f: f.write(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X"),
             )
     meta = {
         "name": name.split("_", 1)[1],

@@ -17,8 +17,11 @@ liver's tumour is fused into the liver). Writes ``<results_dir>/summary.csv`` wi
 ``dice`` (and ``hd95_mm``) is the mean over the task's test cases (:func:`utils.metrics.evaluate_folder`,
 per-case CSVs in ``<results_dir>/eval/<mode>/<task>.csv``); ``params`` the parameters of the model that
 segments the task (independent: the task's own model; shared/universal: the one model of all
-tasks; universal_adapted: the adapted model, old tasks included) and ``task_params`` the part of
-them specific to the task (for universal_adapted: what the new domain cost).
+tasks; universal_adapted: the extended model, old tasks included; an adaptation with
+``--adapt_scope original_code``: the new model of the new task alone) and ``task_params`` the part
+of them specific to the task. For an adapted domain that is what the new domain costs: the
+parameters its run trained (its adapters, norms and heads when the trained model was extended;
+everything but the copied, frozen convolution weights with ``--adapt_scope original_code``).
 """
 
 from __future__ import annotations
@@ -53,7 +56,10 @@ def evaluate_mode(
         ckpt = load_checkpoint(ck_path)
         model, ck_tasks = build_model_from_checkpoint(ckpt)
         counts = parameter_counts(model)
-        trained = (ckpt.get("train_state") or {}).get("trained_tasks") or list(range(len(ck_tasks)))
+        train_state = ckpt.get("train_state") or {}
+        trained = train_state.get("trained_tasks") or list(range(len(ck_tasks)))
+        frozen = set(train_state.get("frozen_parameters") or [])
+        own = sum(p.numel() for n, p in model.named_parameters() if n not in frozen) if frozen else None
         for t in trained:
             name, plans = ck_tasks[t]["name"], ck_tasks[t]["plans"]
             if tasks and name not in tasks:
@@ -81,7 +87,7 @@ def evaluate_mode(
                         "hd95_mm": float(means[f"hd95_{c}"]),
                         "num_cases": len(case_rows),
                         "params": counts.total,
-                        "task_params": counts.per_task[t],
+                        "task_params": own if own is not None else counts.per_task[t],
                     }
                 )
     return rows
@@ -112,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a mode name and the run folder(s) of its checkpoint(s); repeat per mode",
     )
     ap.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
-    ap.add_argument("--min_dice", type=float, default=0.7, help="report every foreground Dice below this")
+    ap.add_argument("--min_dice", type=float, default=0.8, help="report every foreground Dice below this")
     ap.add_argument(
         "--strict", action="store_true", help="exit with status 1 when a Dice is below --min_dice"
     )

@@ -4,7 +4,8 @@
 blends window predictions over a preprocessed case; :mod:`inference.postprocess` cleans the label map;
 :mod:`inference.geometry` puts it back into the original image grid and writes NIfTI;
 :mod:`inference.predictor` ties them together (:class:`inference.predictor.Segmenter`), for
-``predict.py`` and for training's validation alike.
+``predict.py`` and for training's validation alike; :mod:`inference.exported` makes a domain exported
+by ``python -m models.export`` (ONNX, TorchScript) the predictor's model (``predict.py --model``).
 
 Imports: ``utils`` and ``models`` (and third-party libraries); never ``training`` or ``demo``.
 """

@@ -12,50 +12,14 @@ the crop resampled to ``resampled_shape``. Undoing that for a label map means
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from utils.io_utils import atomic_write_nifti
-
-
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source indices of a nearest-neighbour resize along one axis.
-
-    Voxel centres are aligned ("nearest-exact", i.e. ``align_corners=False``): output voxel ``i``
-    takes input voxel ``floor((i + 0.5) * in_size / out_size)``.
-
-    Returns:
-        int64 array of shape (out_size,), values in [0, in_size).
-    """
-    if in_size <= 0 or out_size <= 0:
-        raise ValueError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
-    idx = np.floor((np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size)).astype(np.int64)
-    return np.clip(idx, 0, in_size - 1)
-
-
-def resize_nearest(volume: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resize of a 3D array (labels) to ``out_shape``.
-
-    Args:
-        volume: (z, y, x) array of any dtype.
-        out_shape: target (z, y, x).
-
-    Returns:
-        (out_shape) array of the same dtype (a copy, even when the shape is unchanged).
-    """
-    if volume.ndim != 3 or len(out_shape) != 3:
-        raise ValueError(
-            f"resize_nearest expects a 3D volume and a 3D shape, got {volume.shape} -> {out_shape}"
-        )
-    out_shape = tuple(int(s) for s in out_shape)
-    if tuple(volume.shape) == out_shape:
-        return volume.copy()
-    iz, iy, ix = (nearest_indices(i, o) for i, o in zip(volume.shape, out_shape, strict=True))
-    # fancy-index one axis at a time: never materialises more than the output
-    return volume[iz][:, iy][:, :, ix]
+from utils.preprocessing import resize_nearest
 
 
 def restore_to_original(label: np.ndarray, sidecar: Mapping[str, Any]) -> np.ndarray:

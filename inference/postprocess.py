@@ -5,7 +5,9 @@ Driven only by the task's plans (``docs/formats.md``), never by task names:
 * ``num_classes``: classes 1 .. num_classes-1 are foreground;
 * ``tumour_classes``: foreground classes copied unchanged (several lesions may coexist);
 * ``keep_components``: 1 = keep the largest connected component of each other class,
-  2 = keep the largest two when the second is more than a tenth of the first, 0 = keep all.
+  2 = keep the largest two when the second is more than a tenth of the first, 0 = keep all;
+* ``zero_upper_half_x``: before the component step, clear every voxel whose last-axis index is at or
+  beyond ``W // 2`` (the original's rule for Task09_Spleen, which lies in the other half).
 
 For every other foreground class: binary closing (3D, 18-connectivity), then the connected
 components (18-connectivity, as the original) are filtered as above. Like the original, the output
@@ -79,7 +81,9 @@ def postprocess(
     Args:
         label: (z, y, x) integer label map (preprocessed grid).
         plans: the task's plans dict; uses ``num_classes`` (else the maximum label + 1),
-            ``tumour_classes`` (default []) and ``keep_components`` (default 1).
+            ``tumour_classes`` (default []), ``keep_components`` (default 1) and
+            ``zero_upper_half_x`` (default False: Task09_Spleen's rule, which clears every voxel at
+            last-axis index >= W // 2 before the component step).
         weight: optional (z, y, x) weight map of the case (non-zero = inside the body).
 
     Returns:
@@ -91,6 +95,7 @@ def postprocess(
     num_classes = int(plans.get("num_classes", int(label.max(initial=0)) + 1))
     tumour = {int(c) for c in plans.get("tumour_classes", [])}
     keep_components = int(plans.get("keep_components", 1))
+    half_x = label.shape[2] // 2 if plans.get("zero_upper_half_x", False) else None
     inside: np.ndarray | None = None
     if weight is not None:
         if weight.shape != label.shape:
@@ -108,6 +113,8 @@ def postprocess(
             out[mask] = c
             continue
         sub = _closing(mask[box])
+        if half_x is not None:  # in the whole grid's coordinates, whatever the box
+            sub[:, :, max(half_x - box[2].start, 0) :] = False
         sub = keep_largest_components(sub, keep_components)
         out[box][sub] = c
     if inside is not None:

@@ -31,12 +31,13 @@ from tqdm import tqdm
 from inference.geometry import write_label_nifti
 from inference.postprocess import postprocess
 from inference.settings import InferenceSettings
-from inference.sliding_window import infer_case
+from inference.sliding_window import NetworkFn, infer_case
 from models.loading import build_model_from_checkpoint
 from models.runtime import resolve_device
 from models.unet import U2Net3D
 from utils.checkpoint import load_checkpoint, task_index
 from utils.decathlon import DataError
+from utils.io_utils import DiskFullError, check_writable_folder, remove_stale_temporaries
 from utils.preprocessing import preprocess_image
 from utils.triples import Int3, int3
 
@@ -56,14 +57,16 @@ class TaskModel:
     """A model ready for one task.
 
     Attributes:
-        model: the network (eval mode, on its device).
+        model: the network (eval mode, on its device): a :class:`U2Net3D`, or any network function
+            ``f(x, task_idx) -> logits`` such as an exported domain
+            (:class:`inference.exported.ExportedNetwork`).
         task_idx: the task's index in the model.
         task_name: e.g. ``Task04_Hippocampus``.
         plans: the task's plans (patch, classes, post-processing, preprocessing).
         model_patch: the shared/universal model patch, or None (independent models).
     """
 
-    model: U2Net3D
+    model: U2Net3D | NetworkFn
     task_idx: int
     task_name: str
     plans: dict[str, Any]
@@ -110,10 +113,12 @@ class TaskModel:
 
 @dataclass
 class PredictReport:
-    """Outcome of :meth:`Segmenter.predict_files`: written outputs and failures ``(input, reason)``."""
+    """Outcome of :meth:`Segmenter.predict_files`: written outputs, failures ``(input, reason)`` and
+    outputs that already existed and were kept (``skip_existing``)."""
 
     written: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -253,13 +258,23 @@ class Segmenter:
         output_dir: str | os.PathLike[str],
         *,
         log: Callable[[str], None] | None = None,
+        skip_existing: bool = False,
     ) -> PredictReport:
         """Segment every input image into ``output_dir`` (same file names), going on after failures.
+
+        Outputs are written atomically, so an existing output is always complete: with
+        ``skip_existing`` a rerun after an interruption only segments what is missing. Temporary
+        files that a killed run left in ``output_dir`` are removed first. When the disk fills up,
+        the remaining inputs are reported as not done (each would fail the same way).
 
         Args:
             inputs: files and/or folders of NIfTI images.
             output_dir: created if missing; an output may not overwrite its input.
             log: where failure messages go (default: ``tqdm.write`` to stderr).
+            skip_existing: keep outputs that already exist (``report.skipped``) instead of redoing them.
+
+        Raises:
+            OSError: ``output_dir`` cannot be created or written (the message says which and why).
         """
 
         def _log(msg: str) -> None:
@@ -268,20 +283,23 @@ class Segmenter:
             else:
                 tqdm.write(msg, file=sys.stderr)
 
-        out_dir = Path(output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = check_writable_folder(output_dir)
+        remove_stale_temporaries(out_dir)  # partial outputs of a killed run (never those of a live one)
         files, problems = collect_inputs(inputs)
         report = PredictReport()
         for path, why in problems:
             report.failed.append((path, why))
             _log(f"FAILED {path}: {why}")
+        if skip_existing:
+            report.skipped = [out_dir / output_name(f) for f in files if (out_dir / output_name(f)).is_file()]
+            files = [f for f in files if not (out_dir / output_name(f)).is_file()]
         bar = tqdm(
             files,
             desc=f"segmenting ({self.task.task_name})",
             unit="image",
             disable=not self.settings.progress,
         )
-        for path in bar:
+        for i, path in enumerate(bar):
             bar.set_postfix_str(path.name)
             target = out_dir / output_name(path)
             try:
@@ -289,6 +307,12 @@ class Segmenter:
                     raise ValueError("output would overwrite the input; choose another --output folder")
                 self.segment_file(path, target)
                 report.written.append(target)
+            except DiskFullError as e:  # the others would fail the same way, after their segmentation
+                report.failed.append((path, str(e)))
+                _log(f"FAILED {path}: {e}")
+                for rest in files[i + 1 :]:
+                    report.failed.append((rest, "not done: the disk is full"))
+                break
             except Exception as e:  # report the case by name, go on with the others
                 if isinstance(e, DataError):
                     reason = e.reason

@@ -11,20 +11,23 @@ What happens (``docs/paper_preset.md``, "Inference and evaluation"):
 * the (M, z, y, x) volume is zero-padded (symmetrically) to at least the patch size,
 * patches start every ``step_fraction * patch`` voxels per axis (half a patch by default), the
   last one flush with the end of the volume,
-* each patch's softmax probabilities are multiplied by a patch weight map (``"linear"``: 1 at the
-  centre, falling linearly with the Euclidean distance to ~0 at the corners; ``"gaussian"``;
-  ``"constant"``), and summed into an accumulator that lives on the CPU (or ``accum_device``),
-  so a large CT never needs the whole class map on the GPU,
-* probabilities = sum / sum of weights; the label map is the argmax of the sum (the per-voxel
-  weight sum is common to all classes, so the label path never divides),
+* each patch's logits (``blend="logits"``, the original) or softmax probabilities are multiplied
+  by a patch weight map (``"linear"``: 1 at the centre, falling linearly with the Euclidean
+  distance to ~0 at the corners; ``"gaussian"``; ``"constant"``), and summed into an accumulator
+  that lives on the CPU (or ``accum_device``), so a large CT never needs the whole class map on
+  the GPU,
+* the label map is the argmax of the sum (the per-voxel weight sum is common to all classes, so
+  the label path never divides); probabilities are the softmax of sum / sum of weights (logits) or
+  sum / sum of weights itself (probabilities),
 * padding is cropped away again.
 
 Shared/universal models use one model patch for every task. :func:`infer_case` bridges the task
 patch and the model patch in one of two ways:
 
 * ``unified_mode="volume"`` (the paper, default): the whole volume is scaled by
-  model_patch / task_patch per axis (trilinear), segmented with the model patch, and the label map
-  scaled back to the original shape with nearest neighbour (probabilities: trilinear).
+  model_patch / task_patch per axis (cubic, the same resize as training's; ``volume_resize`` may
+  choose trilinear), segmented with the model patch, and the label map scaled back to the original
+  shape with nearest neighbour (probabilities: trilinear).
 * ``unified_mode="patch"``: the sliding window runs with the task patch on the original volume and
   each patch batch is resized to the model patch before the network and its logits resized back
   (:class:`ResizingNetwork`).
@@ -42,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from inference.geometry import resize_nearest
 from inference.settings import InferenceSettings, WeightMode
 from models.runtime import amp_dtype, autocast
+from utils.preprocessing import resize_image, resize_nearest
 
 NetworkFn = Callable[[torch.Tensor, int], torch.Tensor]
 Output = Literal["labels", "probabilities"]
@@ -170,15 +173,17 @@ def _batched(
         yield items[i : i + n]
 
 
-def _forward_probs(
+def _forward_scores(
     network: NetworkFn,
     x: torch.Tensor,
     task_idx: int,
     flips: Sequence[tuple[int, ...]],
     device: torch.device,
     dtype: torch.dtype | None,
+    blend: str,
 ) -> torch.Tensor:
-    """Softmax probabilities (N, C, pz, py, px) float32 on ``device``, averaged over mirrors."""
+    """Class scores (N, C, pz, py, px) float32 on ``device`` — the logits (``blend="logits"``) or the
+    softmax probabilities — averaged over mirrors."""
     probs: torch.Tensor | None = None
     for axes in flips:
         dims = [a + 2 for a in axes]
@@ -187,7 +192,7 @@ def _forward_probs(
             out = network(xi, task_idx)
         if isinstance(out, (tuple, list)):
             out = out[0]
-        p = torch.softmax(out.float(), dim=1)
+        p = out.float() if blend == "logits" else torch.softmax(out.float(), dim=1)
         if dims:
             p = torch.flip(p, dims)
         probs = p if probs is None else probs.add_(p)
@@ -261,7 +266,7 @@ def _accumulate(
         for k, batch in enumerate(_batched(windows, batch_size)):
             x = torch.stack([img[(slice(None), *w)] for w in batch])
             x = x.to(dev, non_blocking=True)
-            probs = _forward_probs(network, x, task_idx, flips, dev, dtype)
+            probs = _forward_scores(network, x, task_idx, flips, dev, dtype, settings.blend)
             probs.mul_(w_dev)
             if acc is None:
                 acc = torch.zeros((probs.shape[1], *spatial), dtype=accum_dtype, device=acc_dev)
@@ -340,9 +345,10 @@ def sliding_window(
         patch_size: window (pz, py, px).
         settings: step, weights, TTA, batch, device, AMP, accumulator.
         num_classes: C, to allocate the accumulator up front (otherwise taken from the first output).
-        output: ``"labels"``: uint8 (z, y, x) argmax (only the (C, Z, Y, X) accumulator is needed: no
-            weight-sum volume, no division, argmax in slabs); ``"probabilities"``: float32
-            (C, z, y, x) that sum to 1 per voxel.
+        output: ``"labels"``: uint8 (z, y, x) argmax of the blended scores (only the (C, Z, Y, X)
+            accumulator is needed: no weight-sum volume, no division, argmax in slabs);
+            ``"probabilities"``: float32 (C, z, y, x) that sum to 1 per voxel (the softmax of the
+            blended logits, or the blended probabilities, per ``settings.blend``).
 
     Returns:
         the label map or probabilities at the input's spatial shape.
@@ -356,6 +362,8 @@ def sliding_window(
     assert norm is not None
     out = acc[(slice(None), *region)].float()
     out.div_(norm[region])
+    if settings.blend == "logits":
+        out = torch.softmax(out, dim=0)
     return out.cpu().contiguous().numpy()
 
 
@@ -395,7 +403,7 @@ def infer_case(
             wrapped, image, task_idx, task_patch, settings, num_classes=num_classes, output=output
         )
     shape = tuple(int(s) for s in image.shape[1:])
-    scaled = _resize_image(image, _scaled_shape(shape, task_patch, model_patch))
+    scaled = _resize_image(image, _scaled_shape(shape, task_patch, model_patch), settings.volume_resize)
     result = sliding_window(
         network, scaled, task_idx, model_patch, settings, num_classes=num_classes, output=output
     )
@@ -446,8 +454,14 @@ def _scaled_shape(
     )
 
 
-def _resize_image(image: np.ndarray | torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Trilinear resize of (M, z, y, x) to (M, *shape), modality by modality (bounded memory)."""
+def _resize_image(image: np.ndarray | torch.Tensor, shape: Sequence[int], method: str) -> torch.Tensor:
+    """Resize (M, z, y, x) to (M, *shape): ``"cubic"`` as in training (the original; on the CPU,
+    :func:`utils.preprocessing.resize_image`) or ``"trilinear"`` (on the image's device), modality by
+    modality (bounded memory)."""
+    if method == "cubic":
+        array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        resized = torch.from_numpy(resize_image(array, shape))
+        return resized.to(image.device) if isinstance(image, torch.Tensor) else resized
     t = _to_tensor(image)
     out = torch.empty((t.shape[0], *[int(s) for s in shape]), dtype=torch.float32, device=t.device)
     for m in range(t.shape[0]):

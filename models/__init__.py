@@ -2,8 +2,10 @@
 
 One module per building-block family (``conv_units``, ``blocks``, ``norms``, ``depthwise``,
 ``fused``), the network (``unet``), the shared / per-task parameter split (``params``), parameter
-reports (``report``, ``python -m models``), building a model from a checkpoint (``loading``) and
-running it on a device (``runtime``: device, mixed precision, CPU allocator).
+reports (``report``, ``python -m models``), building a model from a checkpoint (``loading``),
+running it on a device (``runtime``: device, mixed precision, CPU allocator) and exporting one domain
+as a standalone ONNX / TorchScript network (``export``, ``python -m models.export``; ``onnx`` and
+``onnxruntime`` are optional and imported only there).
 
 Imports: ``utils`` (and third-party libraries); never ``training``, ``inference`` or ``demo``.
 """

@@ -59,6 +59,14 @@ class ConvUnit(nn.Module):
     def forward_parts(self, x: torch.Tensor, task_idx: int, act: bool = False) -> UnitParts:
         raise NotImplementedError
 
+    @property
+    def shared_conv(self) -> nn.Conv3d:
+        """The unit's convolution shared by every task (the pointwise one in the separable adapter)."""
+        conv = getattr(self, "conv", None)
+        if not isinstance(conv, nn.Conv3d):
+            raise NotImplementedError(f"{type(self).__name__} does not name its shared convolution")
+        return conv
+
 
 def _slope(act: bool) -> float | None:
     return NEGATIVE_SLOPE if act else None
@@ -102,6 +110,10 @@ class SeparableAdapterUnit(ConvUnit):
         self.depthwise_norm = TaskNorm(in_channels, num_tasks)
         self.pointwise = conv3d(in_channels, out_channels, 1)
         self.norm = TaskNorm(out_channels, num_tasks)
+
+    @property
+    def shared_conv(self) -> nn.Conv3d:
+        return self.pointwise
 
     def forward_parts(self, x: torch.Tensor, task_idx: int, act: bool = False) -> UnitParts:
         task_feat = self.depthwise_norm(self.depthwise[task_idx](x), task_idx, NEGATIVE_SLOPE)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from models.blocks import DecoderBlock, EncoderBlock
 from models.norms import TaskModuleList
 
 
@@ -73,3 +74,22 @@ def freeze_for_task(model: nn.Module, task_idx: int) -> list[str]:
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
     return sorted(trainable)
+
+
+def transferable_conv_weights(model: nn.Module) -> list[str]:
+    """What the original code carried over to a new domain: the names of the shared convolution
+    weights (not biases, not norms) of every encoder block's units and of every decoder block's
+    fuse and output units — not of the strided downsampling convolutions, not of the decoders'
+    upsampling units (docs/paper_preset.md, "New domain")."""
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, EncoderBlock):
+            units = {"unit1": module.unit1, "unit2": module.unit2}
+        elif isinstance(module, DecoderBlock):
+            units = {"fuse_unit": module.fuse_unit, "out_unit": module.out_unit}
+        else:
+            continue
+        for unit_name, unit in units.items():
+            conv_name = next(n for n, m in unit.named_modules() if m is unit.shared_conv)
+            names.append(f"{prefix}.{unit_name}.{conv_name}.weight")
+    return names

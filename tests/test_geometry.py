@@ -8,7 +8,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from inference.geometry import resize_nearest, restore_to_original, sitk_affine_ras, write_label_nifti
+from inference.geometry import restore_to_original, sitk_affine_ras, write_label_nifti
+from utils.preprocessing import resize_nearest
 
 
 def _rotation(a: float, b: float) -> np.ndarray:

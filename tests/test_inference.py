@@ -14,6 +14,7 @@ from inference.sliding_window import (
     patch_weight_map,
     sliding_window,
 )
+from utils.preprocessing import resize_image, resize_nearest
 
 S = InferenceSettings
 
@@ -170,3 +171,60 @@ def test_cuda_pipelined_cpu_accumulator_matches_cpu() -> None:
             np.testing.assert_allclose(got, ref, atol=1e-4)
     labels = sliding_window(lambda x, t: conv_gpu(x), image, 0, (8, 8, 8), S(device="cuda", mirror_tta=True))
     assert labels.shape == image.shape[1:]
+
+
+def _window_ramp(x: torch.Tensor, t: int) -> torch.Tensor:
+    """2-class logits that depend on the position inside the window: class 1 = image + 3 * (local x - 3.5)."""
+    local = torch.arange(x.shape[-1], dtype=x.dtype).view(1, 1, 1, 1, -1) - (x.shape[-1] - 1) / 2
+    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :1] + 3.0 * local], dim=1)
+
+
+def _brute_blend(image: np.ndarray, blend: str) -> np.ndarray:
+    """Windows of 8³ at x = 0 and 4 over an (1, 8, 8, 12) image, linear weights, by hand."""
+    w = patch_weight_map((8, 8, 8))
+    acc = np.zeros((2, 8, 8, 12))
+    for x0 in (0, 4):
+        logits = _window_ramp(torch.from_numpy(image[None, :, :, :, x0 : x0 + 8]), 0)[0].double().numpy()
+        scores = logits if blend == "logits" else np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
+        acc[:, :, :, x0 : x0 + 8] += scores * w
+    return acc
+
+
+def test_blend_logits_or_probabilities() -> None:
+    """The preset blends the weighted logits (the original), the option the probabilities; the two
+    give different labels where overlapping windows disagree."""
+    image = np.random.default_rng(4).normal(scale=3.0, size=(1, 8, 8, 12)).astype(np.float32)
+    labels = {}
+    for blend in ("logits", "probabilities"):
+        got = sliding_window(_window_ramp, image, 0, (8, 8, 8), S(blend=blend))
+        np.testing.assert_array_equal(got, _brute_blend(image, blend).argmax(0))
+        labels[blend] = got
+    assert (labels["logits"] != labels["probabilities"]).sum() > 0
+    assert S().blend == "logits"
+    # probabilities of a logit blend: the softmax of the weighted mean logit
+    probs = sliding_window(_window_ramp, image, 0, (8, 8, 8), S(), output="probabilities")
+    acc = _brute_blend(image, "logits")
+    norm = np.zeros((8, 8, 12))
+    for x0 in (0, 4):
+        norm[:, :, x0 : x0 + 8] += patch_weight_map((8, 8, 8))
+    mean_logit = acc / norm
+    expected = np.exp(mean_logit) / np.exp(mean_logit).sum(0, keepdims=True)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+def test_volume_mode_scales_with_the_training_resize() -> None:
+    """unified_mode="volume" scales the case with the cubic resize training uses (the original), the
+    option with trilinear interpolation; a threshold network shows the difference."""
+    rng = np.random.default_rng(5)
+    image = rng.normal(size=(1, 7, 9, 11)).astype(np.float32)
+    task_patch, model_patch = (4, 4, 4), (8, 8, 8)
+    scaled_shape = (14, 18, 22)
+
+    def pred(x: torch.Tensor, t: int) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x[:, :1]), x[:, :1] - 0.3], dim=1)
+
+    cubic = infer_case(pred, image, 0, task_patch, S(), model_patch=model_patch)
+    expected = resize_nearest((resize_image(image, scaled_shape)[0] > 0.3).astype(np.uint8), image.shape[1:])
+    np.testing.assert_array_equal(cubic, expected)
+    trilinear = infer_case(pred, image, 0, task_patch, S(volume_resize="trilinear"), model_patch=model_patch)
+    assert (cubic != trilinear).sum() > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -25,15 +26,17 @@ def _jaccard_loss_of_set(mispredicted: set[int], gt: set[int]) -> float:
     return len(mispredicted) / len(union) if union else 0.0
 
 
-def _lovasz_brute(probas: np.ndarray, labels: np.ndarray) -> float:
-    """Lovász extension from its definition (greedy chain of sets), mean over present classes.
+def _lovasz_brute(probas: np.ndarray, labels: np.ndarray, classes: str = "all") -> float:
+    """Lovász extension from its definition (greedy chain of sets), mean over all classes (an absent
+    class has Jaccard loss 1 for any non-empty set, so its loss is its largest error) or over the
+    present ones.
 
     probas: (P, C); labels: (P,).
     """
     losses = []
     for c in range(probas.shape[1]):
         gt = {i for i in range(len(labels)) if labels[i] == c}
-        if not gt:
+        if not gt and classes == "present":
             continue
         err = np.abs((labels == c).astype(float) - probas[:, c])
         order = sorted(range(len(err)), key=lambda i: -err[i])
@@ -67,8 +70,15 @@ def test_lovasz_matches_definition_and_present_classes() -> None:
     for trial in range(5):
         probas = rng.dirichlet(np.ones(3), size=7)
         labels = rng.integers(0, 2 if trial % 2 else 3, size=7)  # odd trials: class 2 absent
-        got = lovasz_softmax_flat(torch.from_numpy(probas), torch.from_numpy(labels)).item()
-        assert got == pytest.approx(_lovasz_brute(probas, labels), abs=1e-9)
+        for classes in ("all", "present"):
+            got = lovasz_softmax_flat(
+                torch.from_numpy(probas), torch.from_numpy(labels), classes=classes
+            ).item()
+            assert got == pytest.approx(_lovasz_brute(probas, labels, classes), abs=1e-9)
+        if trial % 2:  # an absent class changes the default (all classes) but not "present"
+            assert lovasz_softmax_flat(
+                torch.from_numpy(probas), torch.from_numpy(labels)
+            ).item() != pytest.approx(_lovasz_brute(probas, labels, "present"), abs=1e-6)
     # "all" includes the absent class (its loss = Lovász of the false positives only)
     probas = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.8, 0.1]], dtype=torch.float64)
     labels = torch.tensor([0, 1])
@@ -145,14 +155,19 @@ def test_segmentation_loss_matches_independent_reference_and_weights() -> None:
     # gamma reaches the focal term: gamma 0 = Lovász + cross entropy
     ce = _focal_np(z, lab, gamma=0.0)
     assert SegmentationLoss(gamma=0.0)(logits, target).item() == pytest.approx(lov + ce, rel=1e-5)
-    # classes="all" reaches the Lovász term: a batch without class 2 then averages over 3 classes
+    # the classes setting reaches the Lovász term: a batch without class 2 averages over 3 classes by
+    # default (class 2 then costs its largest probability: every voxel is a false positive, J = 1)
+    # and over the 2 present ones with classes="present"
     t01 = target.clamp(max=1)
     z01, lab01 = _rows(logits, t01)
     p01 = _softmax_np(z01)
     assert set(lab01.tolist()) == {0, 1}
-    lov_all = _lovasz_brute(p01, lab01) * 2 / 3 + float(np.max(p01[:, 2])) / 3  # class 2: all FP, J = 1
-    got_all = SegmentationLoss(classes="all", focal_weight=0.0)(logits, t01).item()
-    assert got_all == pytest.approx(lov_all, rel=1e-5)
+    lov_present = _lovasz_brute(p01, lab01, "present")
+    lov_all = lov_present * 2 / 3 + float(np.max(p01[:, 2])) / 3
+    assert SegmentationLoss(focal_weight=0.0)(logits, t01).item() == pytest.approx(lov_all, rel=1e-5)
+    got_present = SegmentationLoss(classes="present", focal_weight=0.0)(logits, t01).item()
+    assert got_present == pytest.approx(lov_present, rel=1e-5)
+    assert abs(lov_all - lov_present) > 1e-3
 
 
 def test_segmentation_loss_computes_in_float32_for_bf16_logits() -> None:
@@ -164,33 +179,54 @@ def test_segmentation_loss_computes_in_float32_for_bf16_logits() -> None:
     assert loss.item() == pytest.approx(_seg_loss_np(*_rows(logits, target)), rel=1e-5)
 
 
-def _numeric_grad(z: np.ndarray, labels: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    """Central finite differences of the float64 reference loss with respect to every logit."""
+def _numeric_grad(loss: Callable[[np.ndarray], float], z: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Central finite differences of a float64 loss of the logits rows ``z`` (P, C)."""
     g = np.zeros_like(z)
     for idx in np.ndindex(*z.shape):
         zp, zm = z.copy(), z.copy()
         zp[idx] += h
         zm[idx] -= h
-        g[idx] = (_seg_loss_np(zp, labels) - _seg_loss_np(zm, labels)) / (2 * h)
+        g[idx] = (loss(zp) - loss(zm)) / (2 * h)
     return g
 
 
+def _focal_grad_detached_np(z: np.ndarray, labels: np.ndarray, gamma: float = 2.0) -> np.ndarray:
+    """Gradient of the focal loss with the factor (1 - p_t)^gamma held constant, by hand:
+    d/dz_j [-(1 - p_t)^gamma log p_t] = -(1 - p_t)^gamma (1[j = t] - p_j), mean over the P voxels."""
+    p = _softmax_np(z)
+    onehot = np.eye(z.shape[1])[labels]
+    factor = (1.0 - p[np.arange(len(labels)), labels]) ** gamma
+    return -factor[:, None] * (onehot - p) / len(labels)
+
+
 def test_segmentation_loss_gradient_matches_finite_differences() -> None:
+    """Preset: Lovász by finite differences + focal with a constant factor (by hand); with
+    ``detach_focal_factor=False`` the whole loss by finite differences. The two differ."""
     torch.manual_seed(3)
-    logits = (torch.randn(2, 3, 2, 2, 2) * 2.0).requires_grad_(True)
+    base = torch.randn(2, 3, 2, 2, 2) * 2.0
     target = torch.randint(0, 3, (2, 2, 2, 2))
-    SegmentationLoss()(logits, target).backward()
-    assert logits.grad is not None
-    z, lab = _rows(logits, target)
-    expected = _numeric_grad(z, lab)
-    got = logits.grad.movedim(1, -1).reshape(z.shape).double().numpy()
-    # float32 autograd vs float64 finite differences of the independent reference
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-6)
-    assert np.abs(expected).max() > 1e-2  # a non-trivial gradient
-    # and autograd's own check of both terms together in float64
+    z, lab = _rows(base, target)
+    lovasz_grad = _numeric_grad(lambda zz: _lovasz_brute(_softmax_np(zz), lab), z)
+    expected = {
+        True: lovasz_grad + _focal_grad_detached_np(z, lab),
+        False: _numeric_grad(lambda zz: _seg_loss_np(zz, lab), z),
+    }
+    got = {}
+    for detach in (True, False):
+        logits = base.clone().requires_grad_(True)
+        SegmentationLoss(detach_focal_factor=detach)(logits, target).backward()
+        assert logits.grad is not None
+        got[detach] = logits.grad.movedim(1, -1).reshape(z.shape).double().numpy()
+        # float32 autograd vs float64 references
+        np.testing.assert_allclose(got[detach], expected[detach], rtol=1e-4, atol=2e-6)
+    assert np.abs(expected[True] - expected[False]).max() > 1e-3  # the setting matters
+    assert np.abs(lovasz_grad).max() > 1e-2  # a non-trivial Lovász gradient
+    # autograd's own check of both terms together in float64 (differentiable factor)
     x = torch.randn(1, 3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([[[[0, 1], [2, 1]], [[0, 0], [2, 1]]]])
-    assert torch.autograd.gradcheck(lambda t: lovasz_softmax(torch.softmax(t, 1), y) + focal_loss(t, y), (x,))
+    assert torch.autograd.gradcheck(
+        lambda t: lovasz_softmax(torch.softmax(t, 1), y) + focal_loss(t, y, detach_factor=False), (x,)
+    )
     # gradient of the Lovász part alone matches finite differences
     x = torch.randn(1, 2, 5, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([[0, 1, 1, 0, 1]])
@@ -199,7 +235,7 @@ def test_segmentation_loss_gradient_matches_finite_differences() -> None:
 
 def test_segmentation_loss_saturated_softmax() -> None:
     # logits 60 apart: softmax is one-hot up to ~1e-26, so the Lovász term is the Jaccard loss
-    # 1 - |G ∩ M| / |G ∪ M| of the hard prediction (mean over present classes), each wrong voxel adds
+    # 1 - |G ∩ M| / |G ∪ M| of the hard prediction (mean over all classes), each wrong voxel adds
     # its logit gap 60 to the focal sum, and the gradient of the true-class logit of a wrong voxel
     # is -1 / P (d/dz [-(1 - p)^2 log p] -> -1 as p -> 0), ~0 everywhere else that matters
     torch.manual_seed(4)
@@ -213,11 +249,10 @@ def test_segmentation_loss_saturated_softmax() -> None:
     loss.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     n_vox = target.numel()
-    jacc = []
+    jacc = []  # every class (the preset): an absent class costs 1 if it is predicted anywhere
     for c in range(3):
         g, m = target == c, pred == c
-        if g.any():
-            jacc.append(1.0 - float((g & m).sum()) / float((g | m).sum()))
+        jacc.append(1.0 - float((g & m).sum()) / float((g | m).sum()) if g.any() else float(m.any()))
     focal = 60.0 * float(wrong.sum()) / n_vox
     assert 0 < wrong.sum() < n_vox
     assert loss.item() == pytest.approx(float(np.mean(jacc)) + focal, rel=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from inference.postprocess import postprocess
+from utils.task_settings import build_plans
 
 
 def _plans(keep: int, tumour: list[int] | None = None, num_classes: int = 3) -> dict:
@@ -52,3 +53,35 @@ def test_tumour_classes_untouched_and_weight_map() -> None:
     weight[9:, 9:, 9:] = 1
     out = postprocess(lab, _plans(1, num_classes=2), weight)
     assert (out == 1).sum() == 27 and out[weight == 0].max() == 0
+
+
+def test_zero_upper_half_x_before_the_largest_component() -> None:
+    """Task09_Spleen's rule: the upper half of the last axis (index >= W // 2) is cleared before the
+    largest component is kept, so a larger blob there loses to a smaller one in the lower half."""
+    label = np.zeros((6, 8, 11), np.uint8)
+    label[1:4, 1:4, 1:3] = 1  # small blob, x 1..2 (lower half: W // 2 = 5)
+    label[1:5, 1:7, 6:10] = 1  # large blob, x 6..9 (upper half)
+    label[2:4, 5:7, 4:7] = 0
+    plans = {"num_classes": 2, "tumour_classes": [], "keep_components": 1}
+    plain = postprocess(label, plans)
+    assert plain[:, :, 5:].any() and not plain[:, :, :5].any()  # the large blob wins
+    half = postprocess(label, {**plans, "zero_upper_half_x": True})
+    assert not half[:, :, 5:].any()
+    np.testing.assert_array_equal(half[:, :, :5], (label[:, :, :5] == 1).astype(np.uint8))
+    spleen = build_plans(
+        "Task09_Spleen", ["CT"], {0: "background", 1: "spleen"}, [(5.0, 0.8, 0.8)], [(90, 512, 512)]
+    )
+    assert spleen["zero_upper_half_x"] is True
+    other = build_plans(
+        "Task03_Liver", ["CT"], {0: "bg", 1: "liver", 2: "tumour"}, [(1.0, 0.8, 0.8)], [(90, 512, 512)]
+    )
+    assert other["zero_upper_half_x"] is False
+    off = build_plans(
+        "Task09_Spleen",
+        ["CT"],
+        {0: "background", 1: "spleen"},
+        [(5.0, 0.8, 0.8)],
+        [(90, 512, 512)],
+        zero_upper_half_x=False,
+    )
+    assert off["zero_upper_half_x"] is False

@@ -19,7 +19,7 @@ from inference.settings import InferenceSettings
 from models import build_model
 from training.config import TrainConfig
 from training.data import TaskData
-from training.validation import predict_cases_to_nifti, run_inference_settings, task_segmenter
+from training.validation import predict_cases_to_nifti, run_inference_settings, task_segmenter, validate_task
 from utils.checkpoint import save_checkpoint
 from utils.io_utils import read_json
 from utils.prep_runner import run_preprocessing
@@ -212,3 +212,15 @@ def test_predict_py_on_raw_image_equals_validation_path(tmp_path: Path) -> None:
     np.testing.assert_array_equal(a, restore_to_original(segmenter.segment_prepared_case(case), sidecar))
     for get in ("GetSpacing", "GetOrigin", "GetDirection"):
         np.testing.assert_allclose(getattr(by_predict, get)(), getattr(by_val, get)(), atol=1e-6)
+    # validation scores this case in the original geometry against the raw label (the original's
+    # evaluation) when the raw data are given, else on the preprocessed grid
+    raw_label = sitk.GetArrayFromImage(
+        sitk.ReadImage(str(tmp_path / "data" / LIVER / "labelsTr" / f"{case_id}.nii.gz"))
+    )
+    fused = np.isin(raw_label, [1, 2])  # the liver's tumour (label 2) belongs to the organ
+    assert (raw_label == 2).any()
+    expected = 2 * np.logical_and(a == 1, fused).sum() / ((a == 1).sum() + fused.sum())
+    (row,) = validate_task(segmenter, task, dataset_dir=tmp_path / "data").rows
+    assert row["grid"] == "original" and row["dice_1"] == pytest.approx(expected, abs=1e-12)
+    (row_pre,) = validate_task(segmenter, task).rows
+    assert row_pre["grid"] == "preprocessed" and row_pre["dice_1"] != pytest.approx(expected, abs=1e-6)

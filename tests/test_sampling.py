@@ -15,9 +15,10 @@ import torch
 from training.augmentation import (
     AugmentParams,
     MirrorAxesTransform,
+    SampleAugmenter,
     extraction_size,
-    make_transforms,
     safe_jitter,
+    seeded_global_rng,
 )
 from training.loader import TrainLoader
 from training.sampling import PatchSampler, compute_case_info, extract_patch, num_foreground_samples
@@ -185,7 +186,77 @@ def test_padding_small_volume(task_dir: Path) -> None:
             if b["kinds"][i] == "any":  # the whole volume lies inside the patch
                 n_any += 1
                 assert len(nz) == 6 * 8 * 7 and np.count_nonzero(b["seg"][i]) == 3 * 4 * 3
+                # the original's rule puts the volume in the middle: padding split ceil/floor per axis
+                assert nz.min(0).tolist() == [1, 2, 2] and nz.max(0).tolist() == [6, 9, 8]
     assert n_any > 0
+    # the other centre rule places a smaller volume anywhere inside the patch
+    safe = PatchSampler(small, PATCH, 6, small_label=2, seed=0, centre_mode="safe")
+    corners = set()
+    for _ in range(10):
+        b = safe.next_batch()
+        corners |= {
+            tuple(np.argwhere(b["data"][i, 0] != 0).min(0)) for i in range(6) if b["kinds"][i] == "any"
+        }
+    assert len(corners) > 1
+
+
+def _one_voxel_case(root: Path, shape: tuple[int, int, int], voxel: tuple[int, int, int]) -> list[str]:
+    split = root / "train"
+    split.mkdir(parents=True)
+    label = np.zeros(shape, np.uint8)
+    label[voxel] = 1
+    np.save(split / "one_image.npy", np.ones((1, *shape), np.float32))
+    np.save(split / "one_label.npy", label)
+    (split / "one.json").write_text("{}")
+    return list_cases(root)
+
+
+@pytest.mark.parametrize("mode", ["original", "safe"])
+def test_fore_centre_offsets(tmp_path: Path, mode: str) -> None:
+    """'original': the centre lies up to patch/2 - 1 voxels from the picked structure voxel (and in
+    the volume); 'safe': at most the safe jitter, small enough to survive any augmentation."""
+    patch = (16, 16, 16)
+    cases = _one_voxel_case(tmp_path, (64, 64, 64), (32, 32, 32))
+    jitter = safe_jitter(patch, AugmentParams())
+    sampler = PatchSampler(cases, patch, 1, small_label=1, seed=1, centre_mode=mode, jitter=jitter)
+    sampler.next_batch()  # loads the case
+    info = sampler.case_info(0)
+    offsets = np.array([sampler._centre("fore", info) - 32 for _ in range(3000)])
+    bound = 16 // 2 - 1 if mode == "original" else max(jitter)
+    assert np.abs(offsets).max() <= bound
+    if mode == "original":  # the whole range is used
+        assert np.abs(offsets).max(0).tolist() == [bound] * 3
+    else:
+        assert (np.abs(offsets).max(0) <= np.array(jitter)).all()
+    assert max(jitter) < 16 // 2 - 2  # the two rules differ
+
+
+@pytest.mark.parametrize("mode", ["original", "safe"])
+def test_augmentation_redrawn_until_the_structure_stays(tmp_path: Path, mode: str) -> None:
+    """A one-voxel structure and strong rotation/scaling: 'original' redraws (counted) until every
+    'fore' patch holds the voxel; 'safe' never needs to (its jitter keeps the voxel inside)."""
+    patch = (8, 12, 12)
+    cases = _one_voxel_case(tmp_path, (24, 40, 40), (12, 20, 20))
+    aug = AugmentParams(p_elastic=0.0, p_rotation=1.0, p_scale=1.0, p_mirror=0.0)
+    sampler = PatchSampler(
+        cases,
+        patch,
+        3,
+        small_label=1,
+        seed=2,
+        centre_mode=mode,
+        augmenter=SampleAugmenter(patch, aug),
+        extraction=extraction_size(patch, aug),
+        jitter=safe_jitter(patch, aug),
+    )
+    retries = 0
+    for _ in range(20):
+        b = sampler.next_batch()
+        retries += b["aug_retries"]
+        for i, kind in enumerate(b["kinds"]):
+            if kind == "fore":
+                assert (b["seg"][i] > 0).any()
+    assert (retries > 0) == (mode == "original")
 
 
 def test_shapes_unified_resize_and_determinism(task_dir: Path, plans: dict) -> None:
@@ -210,20 +281,24 @@ def test_shapes_unified_resize_and_determinism(task_dir: Path, plans: dict) -> N
     assert after[0] == state[0] and np.array_equal(after[1], state[1]) and after[2:] == state[2:]
 
 
-def test_mirror_last_axis_probability() -> None:
+@pytest.mark.parametrize(("p_flip", "effective"), [(0.5, 0.15), (1.0, 0.3)])
+def test_mirror_last_axis_probability(p_flip: float, effective: float) -> None:
+    """The preset gates with p 0.3 and then flips with p 0.5 (effective 0.15, as the original's
+    batchgenerators call); p_flip 1.0 is the earlier behaviour (0.3)."""
     rng = np.random.default_rng(0)
-    n = 2000
+    n = 4000
     data = rng.random((n, 1, 2, 3, 4)).astype(np.float32)
     seg = rng.integers(0, 3, (n, 1, 2, 3, 4)).astype(np.float32)
     d0, s0 = data.copy(), seg.copy()
-    np.random.seed(5)
-    out = MirrorAxesTransform((2,), 0.3)(data=data, seg=seg)
+    with seeded_global_rng(5):
+        out = MirrorAxesTransform((2,), 0.3, p_flip)(data=data, seg=seg)
     flipped = np.array([np.array_equal(out["data"][i], d0[i, :, :, :, ::-1]) for i in range(n)])
     same = np.array([np.array_equal(out["data"][i], d0[i]) for i in range(n)])
     assert (flipped ^ same).all()  # each sample is either untouched or flipped on x only
-    assert flipped.mean() == pytest.approx(0.3, abs=0.05)  # std 0.01
+    assert flipped.mean() == pytest.approx(effective, abs=0.025)  # std <= 0.0073
     np.testing.assert_array_equal(out["seg"][flipped], s0[flipped][..., ::-1])
     np.testing.assert_array_equal(out["seg"][same], s0[same])
+    assert AugmentParams().p_mirror * AugmentParams().p_mirror_flip == pytest.approx(0.15)
 
 
 def _centre_crop(volume: np.ndarray, patch: tuple[int, int, int]) -> np.ndarray:
@@ -240,21 +315,22 @@ def test_rotation_is_about_first_axis() -> None:
     ext = extraction_size(PATCH, rot)
     z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in ext], indexing="ij")
     r2 = (y - (ext[1] - 1) / 2) ** 2 + (x - (ext[2] - 1) / 2) ** 2
-    seg = np.zeros((1, 1, *ext), np.float32)
-    with_rot = make_transforms(PATCH, aug=rot)
-    without = make_transforms(PATCH, aug=none)
+    seg = np.zeros((1, *ext), np.float32)
+    with_rot = SampleAugmenter(PATCH, rot)
+    without = SampleAugmenter(PATCH, none)
     for volume in (2.0 * z + 0.05 * r2, y):
-        data = volume[None, None].copy()
-        plain = without(data=data.copy(), seg=seg.copy(), aug_seed=3)["data"][0, 0]
+        with seeded_global_rng(3):
+            plain = without(volume[None].copy(), seg.copy())[0][0]
         np.testing.assert_allclose(
             plain, _centre_crop(volume, PATCH), atol=1e-4
         )  # no rotation: the centre crop
     for seed in (3, 4, 5):
-        symmetric = (2.0 * z + 0.05 * r2)[None, None].copy()
-        out = with_rot(data=symmetric, seg=seg.copy(), aug_seed=seed)["data"][0, 0]
-        np.testing.assert_allclose(out, _centre_crop(symmetric[0, 0], PATCH), atol=0.05)
-        yramp = y[None, None].copy()
-        out_y = with_rot(data=yramp, seg=seg.copy(), aug_seed=seed)["data"][0, 0]
+        symmetric = 2.0 * z + 0.05 * r2
+        with seeded_global_rng(seed):
+            out = with_rot(symmetric[None].copy(), seg.copy())[0][0]
+        np.testing.assert_allclose(out, _centre_crop(symmetric, PATCH), atol=0.05)
+        with seeded_global_rng(seed):
+            out_y = with_rot(y[None].copy(), seg.copy())[0][0]
         assert np.abs(out_y - _centre_crop(y, PATCH)).max() > 0.1
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models.loading import build_model_from_checkpoint
+from models.params import transferable_conv_weights
 from tests.synthetic import make_synthetic_task, write_folds
 from training.cli import build_parser, config_from_args, main, predict_run, prepare_runs
 from training.config import TrainConfig, flag_fields
@@ -91,11 +92,11 @@ def test_cli_flags_all_explained() -> None:
     args = parser.parse_args(["--tasks", A, "--amp", "--predict"])
     assert args.amp == "auto" and args.predict == []
     cfg = config_from_args(args)
-    assert (cfg.max_epoch, cfg.steps_per_epoch, cfg.save_every, cfg.val_every, cfg.val_from) == (
+    assert (cfg.max_epoch, cfg.steps_per_epoch, cfg.save_every, cfg.validation_interval, cfg.val_from) == (
         300,
         300,
         5,
-        10,
+        20,  # shared/universal models validate every 20 epochs (independent: 10)
         100,
     )
     assert (cfg.lr, cfg.weight_decay, cfg.seed, cfg.torch_seed, cfg.base_channels) == (
@@ -264,6 +265,19 @@ def test_gpu_benchmark_script_smoke(tmp_path: Path) -> None:
     )
 
 
+def test_preset_validation_interval_per_mode() -> None:
+    """The original validated independent models every 10 epochs and shared/universal ones every 20."""
+    assert TrainConfig(mode="independent", tasks=[A]).validation_interval == 10
+    for mode in ("shared", "universal"):
+        cfg = TrainConfig(mode=mode, tasks=[A])
+        assert cfg.validation_interval == 20
+        assert [e for e in range(1, 161) if cfg.should_validate(e)] == [100, 120, 140, 160]
+    assert TrainConfig(mode="shared", tasks=[A], val_every=10).validation_interval == 10
+    assert not any(
+        TrainConfig(mode="shared", tasks=[A], val_every=0).should_validate(e) for e in range(1, 301)
+    )
+
+
 def test_validation_uses_the_runs_precision() -> None:
     """A bf16 run validates (and predicts) in bf16, an fp32 run in fp32; the sliding window is the preset's."""
     cpu = torch.device("cpu")
@@ -272,3 +286,51 @@ def test_validation_uses_the_runs_precision() -> None:
         assert settings.amp == expected
     settings = run_inference_settings(TrainConfig(mode="shared", tasks=[A], val_postprocess=False), cpu)
     assert not settings.postprocess and settings.step_fraction == 0.5 and settings.weight_mode == "linear"
+
+
+def test_new_domain_like_the_original_code(data: Path, tmp_path: Path) -> None:
+    """--adapt_scope original_code: a new model of the new task only; the encoder/decoder units' shared
+    conv weights are copied from the trained model and stay frozen; their biases, the downsampling
+    convs, norms, adapters and heads train from a fresh start; a resume keeps the same parameters frozen."""
+    out = tmp_path / "res"
+    common = ["--prep_dir", str(data / "prep"), "--folds_file", str(data / "folds.json"), "--results_dir", str(out),
+              "--base_outChans", "4", "--max_epoch", "1", "--steps_per_epoch", "1", "--num_workers", "0",
+              "--model_patch", "8", "8", "8", "--pools", "2", "2", "2", "--threads", "1", "--no_progress"]  # fmt: skip
+    kw = dict(prog="x", modes=("shared", "universal"), default_mode="universal", description="")
+    assert main(["--tasks", A, *common], **kw) == 0
+    old_path = out / "res_u2net3d_universal" / A / "checkpoints" / "best.pt"
+    old = load_checkpoint(old_path)["state_dict"]
+    parser = build_parser("x", ("shared", "universal"), "universal", "")
+    args = [
+        *common,
+        "--max_epoch",
+        "2",
+        "--ckp",
+        str(old_path),
+        "--out_tag",
+        "orig",
+        "--adapt_scope",
+        "original_code",
+    ]
+    (prep,) = prepare_runs(config_from_args(parser.parse_args(["--tasks", B, *args])))
+    model = prep.setup.model
+    assert prep.setup.task_names == [B] and model.config.in_channels == [2] and model.num_tasks == 1
+    copied = set(transferable_conv_weights(model))
+    assert copied and all(k.endswith(".pointwise.weight") for k in copied)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == copied
+    assert not any(k.startswith(("downsamples.", "decoders.0.up_unit")) for k in frozen)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert not torch.equal(start["downsamples.0.conv.weight"], old["downsamples.0.conv.weight"])  # fresh
+    fit(prep, progress=False)
+    ck = load_checkpoint(prep.run_dir / "checkpoints" / LATEST)
+    after = ck["state_dict"]
+    assert all(torch.equal(after[k], old[k]) for k in copied)  # copied and frozen
+    bias = next(iter(copied)).replace(".weight", ".bias")
+    assert not torch.equal(after[bias], start[bias])  # the copied convs' biases train
+    assert not torch.equal(after["downsamples.0.conv.weight"], start["downsamples.0.conv.weight"])
+    report = json.loads((prep.run_dir / "params.json").read_text())
+    assert report["trainable"] == report["total"] - sum(after[k].numel() for k in copied)
+    assert sorted(ck["train_state"]["frozen_parameters"]) == sorted(copied)
+    (again,) = prepare_runs(config_from_args(parser.parse_args(["--tasks", B, *args])), str(prep.run_dir))
+    assert {n for n, p in again.setup.model.named_parameters() if not p.requires_grad} == copied

@@ -9,7 +9,8 @@
 * :mod:`training.data`         -- per-task data (plans, fold cases) and per-epoch seeded loaders.
 * :mod:`training.step`         -- one optimisation step (AMP, channels_last) and the task schedule.
 * :mod:`training.setup`        -- model building per mode and new-domain adaptation.
-* :mod:`training.state`        -- training state, checkpoints (latest / every N / best) and resume.
+* :mod:`training.state`        -- training state, checkpoints (latest / every N / best), resume, the
+                                  run folder's lock and the errors that stop a run (``RunError``).
 * :mod:`training.validation`   -- validation Dice and NIfTI predictions with the inference predictor.
 * :mod:`training.run_log`      -- text log, TensorBoard and the validation CSV.
 * :mod:`training.loop`         -- the epoch loop that ties them together.

@@ -12,37 +12,42 @@ When augmenting, the sampler cuts a larger region around the centre (:func:`extr
 for the worst-case rotation and 1.25 up-scaling plus an elastic margin) so that rotated / scaled
 patches show real image context, as in the original, which interpolated from the whole volume; the
 centre crop of ``SpatialTransform`` then returns the task patch. Then :class:`MirrorAxesTransform`
-mirrors the LAST axis. Then, for shared/universal training (``model_patch`` given), the
-unified-patch resize to the model patch: batchgenerators ``ResizeTransform`` =
-``skimage.transform.resize`` cubic (order 3, pixel-centre aligned, ``clip=True``, no anti-aliasing;
-the original used the same function) for data and nearest (order 0) for seg.
+mirrors the LAST axis: a gate with p 0.3, then a flip with p 0.5 (effective 0.15, as the original).
+:class:`SampleAugmenter` does these steps for one sample, so that the sampler
+(:mod:`training.sampling`) can redraw them until a "fore"/"small" patch still holds its structure.
+Then, for shared/universal training (``model_patch`` given), :class:`UnifiedPatchResize` resizes
+the batch to the model patch: images cubic with :func:`utils.preprocessing.resize_image` (skimage's
+resize, order 3, constant-0 border, no anti-aliasing, as the original; inference scales whole
+volumes with the same function), labels nearest neighbour.
 
-Randomness: batchgenerators transforms draw from numpy's global RNG, so :class:`SeededCompose` runs
-them with the global RNG temporarily seeded from a per-batch seed the sampler draws, then restores
-the previous global state: augmentation is a function of the sampler's seed only.
+Randomness: batchgenerators transforms draw from numpy's global RNG, so the sampler runs them
+under :func:`seeded_global_rng` with a per-batch seed it draws from its own RNG: augmentation is a
+function of the sampler's seed only, and nobody else's random numbers change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from batchgenerators.transforms.abstract_transforms import AbstractTransform
-from batchgenerators.transforms.spatial_transforms import ResizeTransform, SpatialTransform
+from batchgenerators.transforms.spatial_transforms import SpatialTransform
 
+from utils.preprocessing import resize_image, resize_nearest
 from utils.triples import int3
 
 __all__ = [
     "AugmentParams",
     "MirrorAxesTransform",
-    "SeededCompose",
+    "SampleAugmenter",
     "UnifiedPatchResize",
     "extraction_size",
-    "make_transforms",
     "safe_jitter",
+    "seeded_global_rng",
 ]
 
 Shape3 = tuple[int, int, int]
@@ -59,7 +64,8 @@ class AugmentParams:
     angle: tuple[float, float] = (0.0, 2.0 * math.pi)  # about array axis 0 (z)
     p_scale: float = 0.5
     scale: tuple[float, float] = (0.75, 1.25)
-    p_mirror: float = 0.3
+    p_mirror: float = 0.3  # the gate; each axis then flips with p_mirror_flip (effective 0.15)
+    p_mirror_flip: float = 0.5
     mirror_axes: tuple[int, ...] = (2,)  # spatial axes (0 = z, 1 = y, 2 = x): the last one
     elastic_margin: int = 4  # voxels allowed for the elastic displacement (extraction and jitter)
     order_data: int = 3
@@ -130,124 +136,130 @@ def safe_jitter(patch_size: Sequence[int], aug: AugmentParams | None) -> Shape3:
 
 
 class MirrorAxesTransform(AbstractTransform):
-    """Per sample, with probability ``p_per_sample``, flip data and seg along ALL of ``axes``.
+    """Mirroring as the original did it: per sample, a gate with probability ``p_per_sample``, then
+    each of ``axes`` flips with probability ``p_flip`` (batchgenerators' mirror function flips an
+    axis with 0.5): with one axis the effective probability is ``p_per_sample * p_flip`` (0.15 in the
+    preset). ``p_flip=1`` flips whenever the gate fires.
 
-    ``axes`` are spatial axes of ``(b, c, z, y, x)``: 0 = z, 1 = y, 2 = x. (batchgenerators'
-    ``MirrorTransform`` flips each axis with an extra fixed probability 0.5, so its effective
-    probability would be ``0.5 * p_per_sample``.) Uses numpy's global RNG like batchgenerators.
+    ``axes`` are spatial axes of ``(b, c, z, y, x)``: 0 = z, 1 = y, 2 = x. Uses numpy's global RNG like
+    batchgenerators (one draw for the gate, one per axis when it fires).
     """
 
     def __init__(
         self,
         axes: Sequence[int] = (2,),
         p_per_sample: float = 0.3,
+        p_flip: float = 0.5,
         data_key: str = "data",
         label_key: str = "seg",
     ) -> None:
         self.axes = tuple(int(a) for a in axes)
         self.p_per_sample = p_per_sample
+        self.p_flip = p_flip
         self.data_key = data_key
         self.label_key = label_key
 
     def __call__(self, **data_dict: Any) -> dict[str, Any]:
         data = data_dict[self.data_key]
         seg = data_dict.get(self.label_key)
-        flip_axes = tuple(a + 1 for a in self.axes)  # axes of one sample (c, z, y, x)
         for b in range(len(data)):
-            if np.random.uniform() < self.p_per_sample:
-                data[b] = np.flip(data[b], axis=flip_axes)
-                if seg is not None:
-                    seg[b] = np.flip(seg[b], axis=flip_axes)
+            if np.random.uniform() >= self.p_per_sample:
+                continue
+            for axis in self.axes:
+                if np.random.uniform() < self.p_flip:
+                    data[b] = np.flip(data[b], axis=axis + 1)  # axes of one sample: (c, z, y, x)
+                    if seg is not None:
+                        seg[b] = np.flip(seg[b], axis=axis + 1)
         return data_dict
 
 
-class UnifiedPatchResize(ResizeTransform):
-    """Resize the task patch to the model patch (shared/universal modes).
+class UnifiedPatchResize(AbstractTransform):
+    """Resize the task patch to the model patch (shared/universal modes), as the original: images
+    cubic (:func:`utils.preprocessing.resize_image`, the same function inference uses for the whole
+    volume), labels nearest neighbour.
 
-    data: ``(B, M, *task_patch)`` -> ``(B, M, *model_patch)`` with ``skimage.transform.resize`` order 3;
-    seg: nearest (order 0), returned as float32 like the rest of the pipeline.
+    data: ``(B, M, *task_patch)`` -> ``(B, M, *model_patch)``; seg ``(B, 1, ...)`` likewise; float32.
     """
 
-    def __init__(self, model_patch: Sequence[int], order: int = 3, order_seg: int = 0) -> None:
-        super().__init__([int(v) for v in model_patch], order=order, order_seg=order_seg)
+    def __init__(self, model_patch: Sequence[int], data_key: str = "data", label_key: str = "seg") -> None:
+        self.model_patch = int3(model_patch)
+        self.data_key = data_key
+        self.label_key = label_key
 
     def __call__(self, **data_dict: Any) -> dict[str, Any]:
-        data_dict = super().__call__(**data_dict)
-        data_dict[self.data_key] = data_dict[self.data_key].astype(np.float32, copy=False)
-        if data_dict.get(self.label_key) is not None:
-            data_dict[self.label_key] = data_dict[self.label_key].astype(np.float32, copy=False)
+        data = data_dict[self.data_key]
+        data_dict[self.data_key] = np.stack([resize_image(sample, self.model_patch) for sample in data])
+        seg = data_dict.get(self.label_key)
+        if seg is not None:
+            data_dict[self.label_key] = np.stack(
+                [resize_nearest(sample[0], self.model_patch)[None] for sample in seg]
+            ).astype(np.float32, copy=False)
         return data_dict
 
 
-class SeededCompose(AbstractTransform):
-    """Compose that runs its transforms under numpy's global RNG seeded from ``data_dict[seed_key]``.
+@contextlib.contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """Run a block under numpy's global RNG seeded with ``seed`` and restore the previous state
+    afterwards: batchgenerators transforms draw from the global RNG, and this makes them a function
+    of the sampler's own seed without touching anyone else's random numbers."""
+    saved = np.random.get_state()
+    np.random.seed(int(seed))
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
 
-    The previous global RNG state is restored afterwards, so nothing outside is affected and the
-    augmentation is determined by the loader's per-worker RandomState (which drew ``seed_key``). Without
-    ``seed_key`` in the batch the transforms use the global RNG as is.
+
+class SampleAugmenter:
+    """Augments one sample: elastic deformation, rotation, scaling (batchgenerators
+    ``SpatialTransform``, centre crop of the extraction region to the task patch), then mirroring.
+
+    ``augmenter(data (M, *extraction), seg (1, *extraction)) -> (data (M, *patch), seg (1, *patch))``,
+    float32, drawing from numpy's global RNG (use :func:`seeded_global_rng`). Every call draws new
+    augmentation parameters, so calling it again is a fresh draw.
     """
 
-    def __init__(self, transforms: Sequence[AbstractTransform], seed_key: str = "aug_seed") -> None:
-        self.transforms = list(transforms)
-        self.seed_key = seed_key
-
-    def __call__(self, **data_dict: Any) -> dict[str, Any]:
-        seed = data_dict.pop(self.seed_key, None)
-        if seed is None:
-            for t in self.transforms:
-                data_dict = t(**data_dict)
-            return data_dict
-        saved = np.random.get_state()
-        np.random.seed(int(seed))
-        try:
-            for t in self.transforms:
-                data_dict = t(**data_dict)
-        finally:
-            np.random.set_state(saved)
-        return data_dict
-
-    def __repr__(self) -> str:
-        return f"SeededCompose({self.transforms!r})"
-
-
-def make_transforms(
-    patch_size: Sequence[int],
-    *,
-    aug: AugmentParams | None = None,
-    model_patch: Sequence[int] | None = None,
-) -> SeededCompose:
-    """Transform pipeline: [SpatialTransform, MirrorAxesTransform] (if ``aug``), UnifiedPatchResize (if
-    ``model_patch`` differs from ``patch_size``)."""
-    ts: list[AbstractTransform] = []
-    patch = [int(v) for v in patch_size]
-    if aug is not None:
-        ts.append(
-            SpatialTransform(
-                patch,
-                patch_center_dist_from_border=[p // 2 for p in patch],  # unused with random_crop=False
-                do_elastic_deform=aug.p_elastic > 0,
-                alpha=aug.alpha,
-                sigma=aug.sigma,
-                do_rotation=aug.p_rotation > 0,
-                angle_x=aug.angle,  # about array axis 0 (see module docstring)
-                angle_y=(0.0, 0.0),
-                angle_z=(0.0, 0.0),
-                do_scale=aug.p_scale > 0,
-                scale=aug.scale,
-                border_mode_data="constant",
-                border_cval_data=0,
-                order_data=aug.order_data,
-                border_mode_seg="constant",
-                border_cval_seg=0,
-                order_seg=aug.order_seg,
-                random_crop=False,
-                p_el_per_sample=aug.p_elastic,
-                p_scale_per_sample=aug.p_scale,
-                p_rot_per_sample=aug.p_rotation,
-            )
+    def __init__(self, patch_size: Sequence[int], aug: AugmentParams) -> None:
+        patch = list(int3(patch_size))
+        self.patch_size = int3(patch)
+        self.spatial = SpatialTransform(
+            patch,
+            patch_center_dist_from_border=[p // 2 for p in patch],  # unused with random_crop=False
+            do_elastic_deform=aug.p_elastic > 0,
+            alpha=aug.alpha,
+            sigma=aug.sigma,
+            do_rotation=aug.p_rotation > 0,
+            angle_x=aug.angle,  # about array axis 0 (see module docstring)
+            angle_y=(0.0, 0.0),
+            angle_z=(0.0, 0.0),
+            do_scale=aug.p_scale > 0,
+            scale=aug.scale,
+            border_mode_data="constant",
+            border_cval_data=0,
+            order_data=aug.order_data,
+            border_mode_seg="constant",
+            border_cval_seg=0,
+            order_seg=aug.order_seg,
+            random_crop=False,
+            p_el_per_sample=aug.p_elastic,
+            p_scale_per_sample=aug.p_scale,
+            p_rot_per_sample=aug.p_rotation,
         )
-        if aug.p_mirror > 0 and aug.mirror_axes:
-            ts.append(MirrorAxesTransform(aug.mirror_axes, aug.p_mirror))
-    if model_patch is not None and [int(v) for v in model_patch] != patch:
-        ts.append(UnifiedPatchResize(model_patch))
-    return SeededCompose(ts)
+        self.mirror = (
+            MirrorAxesTransform(aug.mirror_axes, aug.p_mirror, aug.p_mirror_flip)
+            if aug.p_mirror > 0 and aug.mirror_axes
+            else None
+        )
+
+    def __call__(self, data: np.ndarray, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = {
+            "data": data[None].astype(np.float32, copy=False),
+            "seg": seg[None].astype(np.float32, copy=False),
+        }
+        batch = self.spatial(**batch)
+        if self.mirror is not None:
+            batch = self.mirror(**batch)
+        return (
+            np.ascontiguousarray(batch["data"][0], dtype=np.float32),
+            np.ascontiguousarray(batch["seg"][0], dtype=np.float32),
+        )

@@ -18,10 +18,23 @@ from models.runtime import keep_freed_memory_in_heap, resolve_device
 from training.config import DATA, GROUPS, HARDWARE, WHAT, TrainConfig, add_config_arguments, config_kwargs
 from training.data import TaskData, load_task_data, placeholder_task
 from training.loop import Prepared, fit
-from training.setup import adapt_to_new_task, build_fresh_model, setup_from_checkpoint
-from training.state import BEST, LATEST, load_training_checkpoint, resolve_resume_path
+from training.setup import (
+    adapt_like_original_code,
+    adapt_to_new_task,
+    build_fresh_model,
+    setup_from_checkpoint,
+)
+from training.state import (
+    BEST,
+    LATEST,
+    RunError,
+    existing_checkpoint,
+    load_training_checkpoint,
+    resolve_resume_path,
+)
 from training.validation import predict_cases_to_nifti, run_inference_settings, task_segmenter
 from utils.checkpoint import load_checkpoint, task_index
+from utils.io_utils import DiskFullError
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -57,7 +70,16 @@ def build_parser(
         default="",
         metavar="CKPT_OR_DIR",
         help="continue an interrupted run exactly (weights, optimizer, epoch, step, random states, "
-        "loss history, LR rule): a checkpoint file, or a run folder (uses checkpoints/latest.pt)",
+        "loss history, LR rule): a checkpoint file, a run folder (uses checkpoints/latest.pt), or "
+        "'latest' (checkpoints/latest.pt of the run folder these flags lead to)",
+    )
+    g.add_argument(
+        "--continue",
+        dest="continue_run",
+        action="store_true",
+        help="resume the run if its run folder (the one these flags lead to) already holds a checkpoint, "
+        "else start it (per task for independent models); without it, a run folder that holds a "
+        "checkpoint is refused rather than overwritten",
     )
     g.add_argument(
         "--resume_epoch",
@@ -103,26 +125,47 @@ def _task(config: TrainConfig, name: str, plans: dict[str, Any] | None = None) -
     )
 
 
-def prepare_runs(config: TrainConfig, resume_ckp: str = "", resume_epoch: int = 0) -> list[Prepared]:
-    """One :class:`Prepared` run per model: fresh, new-domain (``config.ckp``) or resumed."""
+def _fresh(run_dir: Path) -> Path:
+    """``run_dir`` for a fresh run, refused when it holds a checkpoint (it would be overwritten)."""
+    latest = existing_checkpoint(run_dir)
+    if latest is not None:
+        raise RunError(
+            f"run folder {run_dir} already holds a checkpoint of an earlier run ({latest}): continue it with "
+            "--continue (or --resume_ckp latest), train into another folder (--out_tag, --results_dir), or "
+            "delete the folder to start over"
+        )
+    return run_dir
+
+
+def prepare_runs(
+    config: TrainConfig, resume_ckp: str = "", resume_epoch: int = 0, *, continue_run: bool = False
+) -> list[Prepared]:
+    """One :class:`Prepared` run per model: fresh, new-domain (``config.ckp``) or resumed.
+
+    Args:
+        resume_ckp: resume from this checkpoint file or run folder, or ``"latest"`` (the run folder
+            of ``config``).
+        resume_epoch: with a folder, resume from its ``epoch_XXXX.pt``; with a file, check its epoch.
+        continue_run: resume each model whose run folder holds a checkpoint, start the others.
+
+    Raises:
+        RunError: a fresh run whose folder already holds a checkpoint (it is never overwritten).
+    """
     if resume_ckp:
-        path = resolve_resume_path(resume_ckp, resume_epoch)
-        ckpt = load_training_checkpoint(path, resume_epoch)
-        setup = setup_from_checkpoint(ckpt)
-        trained_names = [setup.task_names[t] for t in setup.trained_tasks]
-        if trained_names != config.tasks:
-            raise ValueError(
-                f"--tasks {config.tasks} do not match the checkpoint's trained tasks {trained_names}"
+        path = resolve_resume_path(resume_ckp, resume_epoch, config.run_dir())
+        return [_resumed(config, path, resume_epoch)]
+    if config.mode == "independent" and len(config.tasks) > 1:  # one model (and run folder) per task
+        return [
+            run
+            for name in config.tasks
+            for run in prepare_runs(
+                TrainConfig.from_dict({**config.to_dict(), "tasks": [name]}), continue_run=continue_run
             )
-        mode = ckpt["model_config"]["train_mode"]
-        if mode != config.mode:
-            raise ValueError(f"--trainMode {config.mode} but the checkpoint holds a {mode} model")
-        tasks = [
-            _task(config, n, p) if i in setup.trained_tasks else placeholder_task(config.prep_dir, n, p)
-            for i, (n, p) in enumerate(zip(setup.task_names, setup.task_plans, strict=True))
         ]
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else config.run_dir()
-        return [Prepared(config, tasks, setup, run_dir, ckpt)]
+    if continue_run:
+        latest = existing_checkpoint(config.run_dir())
+        if latest is not None:
+            return [_resumed(config, latest, 0)]
     if config.ckp:
         if len(config.tasks) != 1:
             raise ValueError(f"--ckp adapts the model to ONE new task, got --tasks {config.tasks}")
@@ -133,23 +176,48 @@ def prepare_runs(config: TrainConfig, resume_ckp: str = "", resume_epoch: int = 
         if mode == "universal" and ckpt["model_config"].get("module") != config.module:
             raise ValueError(f"--module {config.module} but --ckp uses {ckpt['model_config'].get('module')}")
         new = _task(config, config.tasks[0])
+        if config.adapt_scope == "original_code":
+            setup = adapt_like_original_code(ckpt, new, torch_seed=config.torch_seed)
+            return [Prepared(config, [new], setup, _fresh(config.run_dir()))]
         setup = adapt_to_new_task(ckpt, new, init_from=config.init_from, torch_seed=config.torch_seed)
         tasks = [placeholder_task(config.prep_dir, t["name"], t["plans"]) for t in ckpt["tasks"]] + [new]
-        return [Prepared(config, tasks, setup, config.run_dir())]
-    if config.mode == "independent":
-        runs = []
-        for name in config.tasks:
-            cfg = TrainConfig.from_dict({**config.to_dict(), "tasks": [name]})
-            task = _task(cfg, name)
-            runs.append(Prepared(cfg, [task], build_fresh_model(cfg, [task]), cfg.run_dir()))
-        return runs
+        return [Prepared(config, tasks, setup, _fresh(config.run_dir()))]
     tasks = [_task(config, n) for n in config.tasks]
-    return [Prepared(config, tasks, build_fresh_model(config, tasks), config.run_dir())]
+    return [Prepared(config, tasks, build_fresh_model(config, tasks), _fresh(config.run_dir()))]
 
 
-def predict_run(prep: Prepared, what: Sequence[str], *, progress: bool = True) -> list[Path]:
+def _resumed(config: TrainConfig, path: Path, resume_epoch: int) -> Prepared:
+    """The run that continues from the training checkpoint ``path``."""
+    ckpt = load_training_checkpoint(path, resume_epoch)
+    setup = setup_from_checkpoint(ckpt)
+    trained_names = [setup.task_names[t] for t in setup.trained_tasks]
+    if trained_names != config.tasks:
+        raise ValueError(
+            f"--tasks {config.tasks} do not match the checkpoint's trained tasks {trained_names}"
+        )
+    mode = ckpt["model_config"]["train_mode"]
+    if mode != config.mode:
+        raise ValueError(f"--trainMode {config.mode} but the checkpoint holds a {mode} model")
+    tasks = [
+        _task(config, n, p) if i in setup.trained_tasks else placeholder_task(config.prep_dir, n, p)
+        for i, (n, p) in enumerate(zip(setup.task_names, setup.task_plans, strict=True))
+    ]
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else config.run_dir()
+    return Prepared(config, tasks, setup, run_dir, ckpt)
+
+
+def predict_run(
+    prep: Prepared,
+    what: Sequence[str],
+    *,
+    progress: bool = True,
+    failed: list[tuple[Path, str]] | None = None,
+) -> list[Path]:
     """Segment the trained tasks' validation cases ('val') and/or raw test images ('test') with the run's
-    best checkpoint (latest if none) into ``<run>/predictions/<task>[/test]/``."""
+    best checkpoint (latest if none) into ``<run>/predictions/<task>[/test]/``.
+
+    ``failed``: collects the raw test images that could not be segmented, ``(path, reason)``.
+    """
     ckpt_dir = prep.run_dir / "checkpoints"
     path = ckpt_dir / BEST if (ckpt_dir / BEST).is_file() else ckpt_dir / LATEST
     ckpt = load_checkpoint(path)
@@ -171,7 +239,10 @@ def predict_run(prep: Prepared, what: Sequence[str], *, progress: bool = True) -
             if not test_dir.is_dir():
                 print(f"--predict test: {test_dir} not found, skipped", file=sys.stderr)
                 continue
-            written += segmenter.predict_files([test_dir], out / "test").written
+            report = segmenter.predict_files([test_dir], out / "test")
+            written += report.written
+            if failed is not None:
+                failed += report.failed
     return written
 
 
@@ -198,22 +269,35 @@ def main(
         config = config_from_args(args)
         if config.mode == "independent" and args.resume_ckp and len(config.tasks) != 1:
             raise ValueError("--resume_ckp continues ONE run: give the single task of that independent model")
-        runs = prepare_runs(config, args.resume_ckp, args.resume_epoch)
+        if args.resume_ckp and args.continue_run:
+            raise ValueError("give either --resume_ckp or --continue, not both")
+        runs = prepare_runs(config, args.resume_ckp, args.resume_epoch, continue_run=args.continue_run)
     except (ValueError, FileNotFoundError, KeyError, IndexError, RuntimeError) as e:
         parser.exit(2, f"{prog}: error: {e}\n")
     progress = not args.no_progress
     if tune_cpu_allocator and resolve_device(config.device).type == "cpu":
         keep_freed_memory_in_heap()  # ~25 % faster CPU steps (docs/performance.md)
+    status = 0
     for prep in runs:
         print(f"[{prog}] run folder: {prep.run_dir}", file=sys.stderr)
-        fit(prep, progress=progress)
-        if args.predict:
-            written = predict_run(prep, args.predict, progress=progress)
-            print(
-                f"[{prog}] wrote {len(written)} prediction(s) to {prep.run_dir / 'predictions'}",
-                file=sys.stderr,
-            )
-    return 0
+        try:
+            fit(prep, progress=progress)
+            if args.predict:
+                failed: list[tuple[Path, str]] = []
+                written = predict_run(prep, args.predict, progress=progress, failed=failed)
+                print(
+                    f"[{prog}] wrote {len(written)} prediction(s) to {prep.run_dir / 'predictions'}",
+                    file=sys.stderr,
+                )
+                if failed:  # bad test images: listed like predict.py's, the others were done
+                    print(f"[{prog}] {len(failed)} input(s) failed:", file=sys.stderr)
+                    for path, why in failed:
+                        print(f"  {path}: {why}", file=sys.stderr)
+                    status = 1
+        except (RunError, DiskFullError) as e:  # busy folder, NaN/Inf, full disk: a message, no traceback
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 1
+    return status
 
 
 def script_main(prog: str, modes: Sequence[str], default_mode: str, description: str) -> None:

@@ -32,8 +32,15 @@ SWITCH_CHOICES = ("auto", "on", "off")
 WHAT = "what to train (flags of the original scripts)"
 DATA = "data and outputs"
 SCHEDULE = "schedule (defaults: the paper preset)"
+METHOD = "method (defaults: the original's choices; each flag switches to the alternative)"
 HARDWARE = "hardware and reproducibility"
-GROUPS = (WHAT, DATA, SCHEDULE, HARDWARE)
+GROUPS = (WHAT, DATA, SCHEDULE, METHOD, HARDWARE)
+#: validation interval (epochs) of the paper preset per mode, when --val_every is not given
+PRESET_VAL_EVERY = {"independent": 10, "shared": 20, "universal": 20}
+#: what --adapt_scope accepts (docs/paper_preset.md, "New domain")
+ADAPT_SCOPES = ("extend", "original_code")
+#: how "fore"/"small" patch centres are drawn (training.sampling)
+CENTRE_MODES = ("original", "safe")
 
 
 def _opt(default: Any, help: str, group: str, *, flag: str | None = None, **argparse_kwargs: Any) -> Any:
@@ -133,7 +140,13 @@ class TrainConfig:
         type=int,
         metavar=("Z", "Y", "X"),
     )
-    val_every: int = _opt(10, "validate every N epochs (0: only at the end)", SCHEDULE, type=int)
+    val_every: int | None = _opt(
+        None,
+        "validate every N epochs (0: only at the end; default: 10 for independent, 20 for shared/universal "
+        "models, as the original)",
+        SCHEDULE,
+        type=int,
+    )
     val_from: int = _opt(100, "first epoch of periodic validation", SCHEDULE, type=int)
     val_max_cases: int | None = _opt(
         None, "validate on at most N cases per task (default: all)", SCHEDULE, type=int
@@ -160,6 +173,62 @@ class TrainConfig:
     )
     lr_factor: float = _opt(0.5, "plateau rule: factor applied to the LR on a plateau", SCHEDULE, type=float)
     lr_stop: float = _opt(1e-8, "stop training once the LR is below this", SCHEDULE, type=float)
+    skip_nonfinite: int = _opt(
+        0,
+        "skip up to N optimisation steps whose loss is NaN/Inf (not applied, each logged; counted over the "
+        "whole run) before stopping; 0: stop at the first, keeping the last good checkpoint",
+        SCHEDULE,
+        type=int,
+        metavar="N",
+    )
+    val_grid: str = _opt(
+        "original",
+        "validation Dice in the 'original' geometry against the raw labels of --dataset_dir (the original; "
+        "cases whose raw label is missing are scored on the preprocessed grid) or on the 'preprocessed' grid",
+        METHOD,
+        choices=("original", "preprocessed"),
+    )
+    lovasz_classes: str = _opt(
+        "all",
+        "Lovász-softmax averaged over 'all' classes (the original) or only those 'present' in the batch",
+        METHOD,
+        choices=("all", "present"),
+    )
+    focal_factor_grad: bool = _opt(
+        False,
+        "let the gradient flow through the focal loss's (1 - p)^gamma factor (the original treats it as a "
+        "constant)",
+        METHOD,
+    )
+    grad_none: bool = _opt(
+        False,
+        "clear gradients to None between steps: in shared/universal runs the other tasks' parameters then stay "
+        "still (the original zeroes gradients, so Adam's moments and the weight decay keep moving them)",
+        METHOD,
+    )
+    mirror_flip_p: float = _opt(
+        0.5,
+        "mirroring: after the p 0.3 gate the last axis flips with this probability (the original: 0.5, an "
+        "effective 0.15; 1.0 = flip whenever the gate fires)",
+        METHOD,
+        type=float,
+    )
+    centre_mode: str = _opt(
+        "original",
+        "'fore'/'small' patch centres: 'original' = a structure voxel plus an offset up to patch/2 - 1, the "
+        "augmentation redrawn until the patch still holds the structure; 'safe' = an offset small enough that "
+        "any augmentation keeps the structure (no redraws)",
+        METHOD,
+        choices=CENTRE_MODES,
+    )
+    adapt_scope: str = _opt(
+        "extend",
+        "with --ckp: 'extend' = add the new domain's adapters, norms and heads to the trained model and freeze "
+        "every shared weight (old domains bit-identical); 'original_code' = what the original code did: a new "
+        "model of the new task only, with the encoder/decoder units' shared conv weights copied and frozen",
+        METHOD,
+        choices=ADAPT_SCOPES,
+    )
     augment: bool = _opt(
         True, "no elastic/rotation/scaling/mirroring augmentation", SCHEDULE, negate="--no_augment"
     )
@@ -236,6 +305,18 @@ class TrainConfig:
             raise ValueError("save_every must be >= 1")
         if self.num_workers < 0:
             raise ValueError("num_workers must be >= 0")
+        if self.skip_nonfinite < 0:
+            raise ValueError(f"skip_nonfinite must be >= 0, got {self.skip_nonfinite}")
+        if self.val_grid not in ("original", "preprocessed"):
+            raise ValueError(f"val_grid must be 'original' or 'preprocessed', got {self.val_grid!r}")
+        if self.lovasz_classes not in ("all", "present"):
+            raise ValueError(f"lovasz_classes must be 'all' or 'present', got {self.lovasz_classes!r}")
+        if self.centre_mode not in CENTRE_MODES:
+            raise ValueError(f"centre_mode must be one of {CENTRE_MODES}, got {self.centre_mode!r}")
+        if self.adapt_scope not in ADAPT_SCOPES:
+            raise ValueError(f"adapt_scope must be one of {ADAPT_SCOPES}, got {self.adapt_scope!r}")
+        if not 0.0 <= self.mirror_flip_p <= 1.0:
+            raise ValueError(f"mirror_flip_p must be in [0, 1], got {self.mirror_flip_p}")
         if self.mode == "independent" and self.ckp:
             raise ValueError("--ckp (new-domain adaptation) needs a shared or universal model")
 
@@ -261,9 +342,15 @@ class TrainConfig:
             return device_type == "cpu" and self.amp == "off"
         return self.fused_ops == "on"
 
+    @property
+    def validation_interval(self) -> int:
+        """``val_every``, or the preset's interval of the mode (10 independent, 20 shared/universal)."""
+        return PRESET_VAL_EVERY[self.mode] if self.val_every is None else int(self.val_every)
+
     def should_validate(self, epoch: int) -> bool:
-        """Periodic validation: epochs >= ``val_from`` divisible by ``val_every`` (0 = never)."""
-        return self.val_every > 0 and epoch >= self.val_from and epoch % self.val_every == 0
+        """Periodic validation: epochs >= ``val_from`` divisible by the validation interval (0 = never)."""
+        every = self.validation_interval
+        return every > 0 and epoch >= self.val_from and epoch % every == 0
 
     def should_save_numbered(self, epoch: int) -> bool:
         return epoch % self.save_every == 0

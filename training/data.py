@@ -146,6 +146,7 @@ def make_epoch_loader(
     model_patch: Sequence[int] | None = None,
     num_workers: int = 0,
     augment: bool | AugmentParams = True,
+    centre_mode: str = "original",
     pin_memory: bool = False,
 ) -> TrainLoader:
     """Batch iterator of ``task`` for ``epoch``, seeded from ``(seed, epoch, task_idx)``.
@@ -161,6 +162,7 @@ def make_epoch_loader(
         num_workers=num_workers,
         seed=epoch_seed(seed, epoch, task_idx),
         augment=augment,
+        centre_mode=centre_mode,
         case_info=scan_cases(task),
         pin_memory=pin_memory,
     )

@@ -3,8 +3,11 @@
 :class:`TrainLoader` is an infinite iterator of batches
 ``{"data": float32 tensor (B, M, *P), "seg": float32 tensor (B, 1, *P), "kinds": list[str],
 "case_ids": list[str]}`` with ``P`` the model patch (shared/universal; patches are resized to it) or
-the task patch. Each batch is cut by a :class:`training.sampling.PatchSampler` and augmented by the
-batchgenerators transforms of :func:`training.augmentation.make_transforms`.
+the task patch. Each batch is cut and augmented sample by sample by a
+:class:`training.sampling.PatchSampler` (with a :class:`training.augmentation.SampleAugmenter`), then
+resized to the model patch (:class:`training.augmentation.UnifiedPatchResize`). Batches also carry
+``"aug_retries"`` and ``"aug_fallbacks"``: how often an augmentation was drawn again because the
+patch lost its structure, and how often a plain crop was used after ``max_tries`` draws.
 
 With ``num_workers > 0`` the work runs in that many worker processes of a
 ``torch.utils.data.DataLoader`` (an iterable stream per worker, batches taken from the workers in
@@ -25,8 +28,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from training.augmentation import AugmentParams, SeededCompose, extraction_size, make_transforms, safe_jitter
+from training.augmentation import (
+    AugmentParams,
+    SampleAugmenter,
+    UnifiedPatchResize,
+    extraction_size,
+    safe_jitter,
+)
 from training.sampling import CaseInfo, PatchSampler
+from utils.triples import int3
 
 __all__ = ["TrainLoader"]
 
@@ -36,16 +46,18 @@ Batch = dict[str, Any]
 class _BatchStream(IterableDataset[Batch]):
     """Endless augmented batches of one sampler; in a DataLoader worker, seeded by the worker id."""
 
-    def __init__(self, sampler_kwargs: Mapping[str, Any], transforms: SeededCompose) -> None:
+    def __init__(self, sampler_kwargs: Mapping[str, Any], resize: UnifiedPatchResize | None) -> None:
         super().__init__()
         self.sampler_kwargs = dict(sampler_kwargs)
-        self.transforms = transforms
+        self.resize = resize
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         sampler = PatchSampler(**self.sampler_kwargs, worker_id=info.id if info is not None else 0)
         while True:
-            batch = self.transforms(**sampler.next_batch())
+            batch = sampler.next_batch()
+            if self.resize is not None:
+                batch = self.resize(**batch)
             batch["data"] = torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32))
             batch["seg"] = torch.from_numpy(np.ascontiguousarray(batch["seg"], dtype=np.float32))
             yield batch
@@ -63,6 +75,8 @@ class TrainLoader:
         num_workers: worker processes (0: everything in this process, for debugging).
         seed: base seed of the samplers (worker ``i`` uses ``(seed, i)``).
         augment: True (the preset's :class:`AugmentParams`), False (none) or custom parameters.
+        centre_mode: how "fore"/"small" centres are drawn, ``"original"`` (redraws) or ``"safe"``
+            (:class:`training.sampling.PatchSampler`).
         case_info: the per-case label scans (:func:`training.sampling.compute_case_info`, by index
             into ``cases``), computed once per run and handed to every epoch's loader and worker.
         context: when augmenting, cut a larger region so rotated/scaled patches show real image
@@ -83,6 +97,7 @@ class TrainLoader:
         seed: int = 1993,
         augment: bool | AugmentParams = True,
         case_info: Mapping[int, CaseInfo] | None = None,
+        centre_mode: str = "original",
         context: bool = True,
         draws_per_case: int = 2,
         prefetch: int = 2,
@@ -90,7 +105,7 @@ class TrainLoader:
     ) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        patch = tuple(int(v) for v in plans["patch_size"])
+        patch = int3(plans["patch_size"])
         aug: AugmentParams | None
         if isinstance(augment, AugmentParams):
             aug = augment
@@ -103,12 +118,19 @@ class TrainLoader:
             batch_size=batch_size,
             small_label=int(small) if small is not None else None,
             extraction=extraction_size(patch, aug if context else None),
+            augmenter=SampleAugmenter(patch, aug) if aug is not None else None,
+            centre_mode=centre_mode,
             jitter=safe_jitter(patch, aug),
             draws_per_case=draws_per_case,
             seed=seed,
             case_info=case_info,
         )
-        stream = _BatchStream(sampler_kwargs, make_transforms(patch, aug=aug, model_patch=model_patch))
+        resize = (
+            UnifiedPatchResize(model_patch)
+            if model_patch is not None and int3(model_patch) != patch
+            else None
+        )
+        stream = _BatchStream(sampler_kwargs, resize)
         self.num_workers = num_workers
         self._iterator: Iterator[Batch] | None
         if num_workers == 0:

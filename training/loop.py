@@ -17,17 +17,25 @@ from tqdm import tqdm
 from inference.settings import InferenceSettings
 from models.report import format_parameter_report, parameter_report
 from models.runtime import amp_dtype, resolve_device
+from training.augmentation import AugmentParams
 from training.config import PRESET_SHARED_BATCH, TrainConfig
 from training.data import TaskData, make_epoch_loader, scan_cases
 from training.losses import SegmentationLoss
 from training.optim import PlateauHalving, make_optimizer, set_lr
 from training.run_log import RunLog
 from training.setup import ModelSetup
-from training.state import TrainState, save_training_checkpoint
+from training.state import (
+    LATEST,
+    NonFiniteLossError,
+    TrainState,
+    last_good_checkpoint,
+    lock_run_folder,
+    save_training_checkpoint,
+)
 from training.step import StepOptions, task_for_step, train_step
 from training.validation import mean_dice, run_inference_settings, validate
 from utils.checkpoint import restore_rng_state
-from utils.io_utils import atomic_write_json
+from utils.io_utils import atomic_write_json, remove_stale_temporaries
 
 #: settings that must match between an interrupted run and its resumption for identical batches
 EXACT_RESUME_KEYS = (
@@ -38,6 +46,8 @@ EXACT_RESUME_KEYS = (
     "patch_size",
     "model_patch",
     "augment",
+    "mirror_flip_p",
+    "centre_mode",
 )
 
 
@@ -125,17 +135,33 @@ def fit(
     else:
         ts = resume["train_state"]
         optimizer.load_state_dict(ts["optimizer"])
+        if not config.grad_none:
+            # zeroed (not freed) gradients: every parameter that had a gradient (= has Adam state)
+            # keeps a zero one, which Adam and the weight decay still apply; without it a resumed
+            # shared/universal run would leave the other tasks' parameters still at its first steps
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p in optimizer.state and p.grad is None:
+                        p.grad = torch.zeros_like(p)
         if scaler is not None and ts.get("scaler"):
             scaler.load_state_dict(ts["scaler"])
         state = TrainState.from_plain(ts["state"])
         lr_rule.load_state_dict(state.lr_rule)
         set_lr(optimizer, lr_rule.lr)
     own_log = log is None
+    lock = lock_run_folder(run_dir)  # a second live run into this folder is refused here
+    remove_stale_temporaries(run_dir, recursive=True)  # left by a run killed while writing a file
     if log is None:
-        log = RunLog(run_dir, purge_step=state.step + 1 if resume is not None else None)
+        try:
+            # TensorBoard drops what an interrupted attempt logged after the checkpoint we start from
+            # (everything, for a fresh run into the folder of an attempt that died before its first one)
+            log = RunLog(run_dir, purge_step=state.step + 1)
+        except BaseException:
+            lock.release()
+            raise
     try:
+        log.truncate_val_csv(state.epoch)  # the same for the validation CSV
         if resume is not None:
-            log.truncate_val_csv(state.epoch)
             log.info(f"resumed after epoch {state.epoch} (step {state.step}, lr {lr_rule.lr:.3g})")
             for w in _resume_warnings(resume["train_state"].get("config") or {}, config):
                 log.info(f"WARNING: {w}")
@@ -151,13 +177,14 @@ def fit(
             lr_rule,
             state,
             log,
-            StepOptions(device, dtype, channels_last),
+            StepOptions(device, dtype, channels_last, grad_to_none=config.grad_none),
             progress,
             on_step,
         )
     finally:
         if own_log:
             log.close()
+        lock.release()
 
 
 def _epochs(
@@ -179,7 +206,9 @@ def _epochs(
         why = "the learning rate ran out" if lr_rule.should_stop else f"max_epoch {config.max_epoch}"
         log.info(f"nothing to train: {state.epoch} epochs done ({why})")
         return state
-    loss_fn = SegmentationLoss()
+    loss_fn = SegmentationLoss(
+        classes=config.lovasz_classes, detach_focal_factor=not config.focal_factor_grad
+    )
     infer = run_inference_settings(config, device)
     for t in trained:
         scan_cases(tasks[t])
@@ -201,7 +230,8 @@ def _epochs(
                 seed=config.seed,
                 model_patch=setup.model_patch,
                 num_workers=config.num_workers,
-                augment=config.augment,
+                augment=AugmentParams(p_mirror_flip=config.mirror_flip_p) if config.augment else False,
+                centre_mode=config.centre_mode,
                 pin_memory=device.type == "cuda",
             )
             for t in trained
@@ -209,6 +239,7 @@ def _epochs(
         sums = dict.fromkeys(trained, 0.0)
         counts = dict.fromkeys(trained, 0)
         wait = 0.0
+        redrawn = plain_crops = 0  # augmentations drawn again / plain crops of "fore"/"small" patches
         bar = tqdm(
             total=config.steps_per_epoch,
             desc=f"{config.mode} epoch {epoch}/{config.max_epoch}",
@@ -223,18 +254,26 @@ def _epochs(
                 tw = time.perf_counter()
                 batch = next(loaders[t])
                 wait += time.perf_counter() - tw
+                redrawn += int(batch.get("aug_retries", 0))
+                plain_crops += int(batch.get("aug_fallbacks", 0))
                 want_img = config.log_images_every > 0 and step % config.log_images_every == 0
-                res = train_step(
-                    model,
-                    optimizer,
-                    loss_fn,
-                    batch["data"],
-                    batch["seg"],
-                    t,
-                    options,
-                    scaler=scaler,
-                    keep_logits=want_img,
-                )
+                try:
+                    res = train_step(
+                        model,
+                        optimizer,
+                        loss_fn,
+                        batch["data"],
+                        batch["seg"],
+                        t,
+                        options,
+                        scaler=scaler,
+                        keep_logits=want_img,
+                    )
+                except FloatingPointError as e:  # NaN/Inf loss: the step was not applied
+                    _skip_nonfinite_step(prep, state, log, epoch, step, names[t], e)  # raises past the budget
+                    state.step = step
+                    bar.update(1)
+                    continue
                 state.step = step
                 sums[t] += res.loss
                 counts[t] += 1
@@ -279,7 +318,8 @@ def _epochs(
             f"epoch {epoch}: loss {epoch_loss:.4f} ("
             + ", ".join(f"{k} {v:.4f}" for k, v in per_task.items())
             + f"), lr {lr_used:.3g}{lr_note}, "
-            f"{train_time:.1f}s ({100 * wait / max(train_time, 1e-9):.0f}% waiting for data)"
+            f"{train_time:.1f}s ({100 * wait / max(train_time, 1e-9):.0f}% waiting for data; "
+            f"augmentation redrawn {redrawn}x, {plain_crops} plain crop(s))"
         )
         stop = lr_rule.should_stop
         last = stop or epoch == config.max_epoch
@@ -287,6 +327,9 @@ def _epochs(
         if config.should_validate(epoch) or last:
             best = _validate_and_log(prep, infer, state, log, epoch)
         state.finished = last
+        # events up to this step reach the disk before the checkpoint that a resume starts from
+        # (a resume purges the later ones), so a kill can lose no step
+        log.flush()
         save_training_checkpoint(
             prep.run_dir / "checkpoints",
             model=model,
@@ -301,11 +344,51 @@ def _epochs(
             numbered=config.should_save_numbered(epoch) or last,
             best=best,
         )
-        log.flush()
         if stop:
             log.info(f"learning rate {new_lr:.3g} < {config.lr_stop:g}: training stops after epoch {epoch}")
             break
     return state
+
+
+def _skip_nonfinite_step(
+    prep: Prepared,
+    state: TrainState,
+    log: RunLog,
+    epoch: int,
+    step: int,
+    task: str,
+    error: FloatingPointError,
+) -> None:
+    """A step whose loss was NaN/Inf (not applied): log and count it while ``--skip_nonfinite``
+    allows, else stop the run (the last checkpoint, written before this epoch, stays as it was).
+
+    Raises:
+        NonFiniteLossError: naming the epoch, step and task, the last good checkpoint and what to do.
+    """
+    allowed = prep.config.skip_nonfinite
+    if len(state.skipped_steps) < allowed:
+        state.skipped_steps.append({"epoch": epoch, "step": step, "task": task, "loss": str(error)})
+        log.info(
+            f"WARNING: epoch {epoch}, step {step}, task {task}: {error}; step skipped "
+            f"({len(state.skipped_steps)} of {allowed} allowed by --skip_nonfinite)"
+        )
+        log.scalar("skipped_nonfinite_steps", len(state.skipped_steps), step)
+        return
+    ckpt_dir = prep.run_dir / "checkpoints"
+    good = (
+        f"the last good checkpoint {last_good_checkpoint(ckpt_dir)} is unchanged: resume it with "
+        "--resume_ckp latest"
+        if (ckpt_dir / LATEST).is_file()
+        else "no checkpoint was written yet"
+    )
+    skipped = f" after {allowed} skipped step(s)" if allowed else ""
+    msg = (
+        f"non-finite training loss at epoch {epoch}, step {step}, task {task}{skipped}: {error}. Training "
+        f"stopped; {good}. Lower --lr, try --amp off, check the task's data, or skip such steps with "
+        "--skip_nonfinite N"
+    )
+    log.info(f"ERROR: {msg}")
+    raise NonFiniteLossError(msg) from error
 
 
 def _validate_and_log(
@@ -322,6 +405,7 @@ def _validate_and_log(
         infer,
         max_cases=config.val_max_cases,
         csv_dir=prep.run_dir / "eval" / f"epoch_{epoch:04d}",
+        dataset_dir=config.dataset_dir if config.val_grid == "original" else None,
     )
     md = mean_dice(results)
     rows = []

@@ -5,9 +5,11 @@ map ``target`` of shape ``(N, *spatial)`` or ``(N, 1, *spatial)`` (values ``0..C
 with integral values, as batchgenerators produces them, are accepted and cast).
 
 * Lovász-softmax (Berman et al., CVPR 2018) is evaluated on ``softmax(logits)``, flattened over the
-  whole batch (``per_image=False``) and averaged over the classes present in the batch's ground truth
-  (``classes="present"``).
-* Focal loss (Lin et al., 2017) with ``gamma = 2`` on the logits, no class weights, mean over voxels.
+  whole batch (``per_image=False``) and averaged over all classes (``classes="all"``, the original's
+  choice; ``"present"`` averages over the classes in the batch's ground truth only).
+* Focal loss (Lin et al., 2017) with ``gamma = 2`` on the logits, no class weights, mean over voxels;
+  as in the original, the modulating factor ``(1 - p)^gamma`` is a constant for the gradient
+  (computed from detached probabilities); ``detach_factor=False`` lets the gradient flow through it.
 * :class:`SegmentationLoss` is their unweighted sum, as the original training script used.
 """
 
@@ -17,7 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: what ``classes`` of the Lovász-softmax accepts: every class (the preset) or those present
+LOVASZ_CLASSES = ("all", "present")
+
 __all__ = [
+    "LOVASZ_CLASSES",
     "flatten_logits",
     "focal_loss",
     "lovasz_softmax",
@@ -50,7 +56,7 @@ def flatten_logits(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(n, c, -1).transpose(1, 2).reshape(-1, c)
 
 
-def lovasz_softmax_flat(probas: torch.Tensor, labels: torch.Tensor, classes: str = "present") -> torch.Tensor:
+def lovasz_softmax_flat(probas: torch.Tensor, labels: torch.Tensor, classes: str = "all") -> torch.Tensor:
     """Lovász-softmax on flattened voxels.
 
     For every class ``c`` the per-voxel errors ``e_i = |1[y_i = c] - p_i(c)|`` are sorted in decreasing
@@ -62,7 +68,8 @@ def lovasz_softmax_flat(probas: torch.Tensor, labels: torch.Tensor, classes: str
     Args:
         probas: ``(P, C)`` class probabilities per voxel.
         labels: ``(P,)`` int64 labels in ``0..C-1``.
-        classes: ``"present"`` (average over classes occurring in ``labels``) or ``"all"``.
+        classes: ``"all"`` (average over every class, the paper preset) or ``"present"`` (over the
+            classes occurring in ``labels``).
 
     Returns:
         Scalar tensor.
@@ -91,7 +98,7 @@ def lovasz_softmax_flat(probas: torch.Tensor, labels: torch.Tensor, classes: str
     raise ValueError(f"classes must be 'present' or 'all', got {classes!r}")
 
 
-def lovasz_softmax(probas: torch.Tensor, target: torch.Tensor, classes: str = "present") -> torch.Tensor:
+def lovasz_softmax(probas: torch.Tensor, target: torch.Tensor, classes: str = "all") -> torch.Tensor:
     """Lovász-softmax of probabilities ``(N, C, *spatial)`` against labels ``(N[, 1], *spatial)``.
 
     Flattened over the batch (``per_image=False``); see :func:`lovasz_softmax_flat`.
@@ -100,20 +107,24 @@ def lovasz_softmax(probas: torch.Tensor, target: torch.Tensor, classes: str = "p
     return lovasz_softmax_flat(flatten_logits(probas), labels, classes=classes)
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, *, detach_factor: bool = True
+) -> torch.Tensor:
     """Focal loss ``mean_i -(1 - p_i)^gamma * log p_i`` with ``p_i = softmax(logits)_i[y_i]``.
 
     Args:
         logits: ``(N, C, *spatial)``.
         target: ``(N[, 1], *spatial)`` labels in ``0..C-1``.
         gamma: focusing parameter (2 in the preset).
+        detach_factor: treat the modulating factor ``(1 - p)^gamma`` as a constant (no gradient
+            through it), as the original did; False differentiates it too.
 
     Returns:
         Scalar tensor (mean over all voxels of the batch).
     """
     labels = _target_to_long(target, logits)
     log_p = F.log_softmax(logits, dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)  # (N, *spatial)
-    p = log_p.exp()
+    p = log_p.detach().exp() if detach_factor else log_p.exp()
     return (-((1.0 - p) ** gamma) * log_p).mean()
 
 
@@ -122,6 +133,12 @@ class SegmentationLoss(nn.Module):
 
     ``forward(logits (N, C, *spatial), target (N[, 1], *spatial)) -> scalar``. Computed in float32 even
     for half-precision logits.
+
+    Args:
+        gamma: focal loss focusing parameter.
+        lovasz_weight, focal_weight: weights of the two terms (1 and 1 in the preset).
+        classes: Lovász-softmax over ``"all"`` classes (preset) or the ``"present"`` ones.
+        detach_focal_factor: the focal modulating factor is a constant for the gradient (preset).
     """
 
     def __init__(
@@ -129,13 +146,17 @@ class SegmentationLoss(nn.Module):
         gamma: float = 2.0,
         lovasz_weight: float = 1.0,
         focal_weight: float = 1.0,
-        classes: str = "present",
+        classes: str = "all",
+        detach_focal_factor: bool = True,
     ) -> None:
         super().__init__()
+        if classes not in LOVASZ_CLASSES:
+            raise ValueError(f"classes must be one of {LOVASZ_CLASSES}, got {classes!r}")
         self.gamma = gamma
         self.lovasz_weight = lovasz_weight
         self.focal_weight = focal_weight
         self.classes = classes
+        self.detach_focal_factor = detach_focal_factor
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -145,11 +166,12 @@ class SegmentationLoss(nn.Module):
                 torch.softmax(logits, dim=1), target, classes=self.classes
             )
         if self.focal_weight:
-            loss = loss + self.focal_weight * focal_loss(logits, target, gamma=self.gamma)
+            focal = focal_loss(logits, target, gamma=self.gamma, detach_factor=self.detach_focal_factor)
+            loss = loss + self.focal_weight * focal
         return loss
 
     def extra_repr(self) -> str:
         return (
-            f"gamma={self.gamma}, lovasz_weight={self.lovasz_weight}, "
-            f"focal_weight={self.focal_weight}, classes={self.classes!r}"
+            f"gamma={self.gamma}, lovasz_weight={self.lovasz_weight}, focal_weight={self.focal_weight}, "
+            f"classes={self.classes!r}, detach_focal_factor={self.detach_focal_factor}"
         )

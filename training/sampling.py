@@ -2,34 +2,31 @@
 
 Reads the preprocessed training cases of ONE task (``prepData/<Task>/train/<case>_image.npy``
 ``(M, z, y, x)`` float32 and ``<case>_label.npy`` ``(z, y, x)`` uint8, see ``docs/formats.md``) with
-``np.load(mmap_mode="r")`` and cuts batches
-``{"data": float32 (B, M, *extraction), "seg": float32 (B, 1, *extraction), "kinds": list[str],
-"case_ids": list[str], "aug_seed": int}`` that :mod:`training.augmentation` then augments.
+``np.load(mmap_mode="r")`` and makes batches of task patches, each augmented by a
+:class:`training.augmentation.SampleAugmenter` (sampling and augmentation meet here because a
+"fore"/"small" patch whose augmentation lost the structure is drawn again).
 
 Sampling (paper preset, ``docs/paper_preset.md``, "Patch sampling"):
 
 * Cases are visited in shuffled order (a new permutation each pass); each loaded case gives
   ``draws_per_case = 2`` consecutive samples.
-* Patch kinds: ``"any"`` (random centre; the task patch lies inside the volume where it fits),
-  ``"fore"`` (centre within the foreground bounding box) and ``"small"`` (centre within the bounding
-  box of ``plans["small_label"]``).
+* Patch kinds: ``"any"`` (random centre), ``"fore"`` (centre near a foreground voxel) and ``"small"``
+  (centre near a voxel of ``plans["small_label"]``); the centre rules of both modes are in
+  :class:`PatchSampler`.
 * Batch composition: the first ``min(B, ceil(B/3) + 1)`` samples must hold foreground: ``"small"``
   with p 0.3 when the case has that label, else ``"fore"`` (a case without any foreground is skipped
   for these samples). The others are ``"small"`` with p 0.3, ``"fore"`` with p 0.3, else ``"any"``
   (one uniform number ``u`` per sample: ``u < 0.3`` small, ``u >= 0.7`` fore; as in the original, a
   "small" draw in a case without the small label becomes "any", a "fore" draw in a case without
   foreground becomes "any"). ``kinds`` reports the kind actually used.
-* "fore"/"small" centres: a voxel of the structure is picked (from a cached, evenly spaced subset of
-  its voxels), moved by a uniform integer jitter of at most ``jitter`` voxels per axis and clipped to
-  the structure's bounding box. So the centre always lies in the bounding box, and the picked voxel
-  stays inside the final patch even after the worst-case rotation / down-scaling / elastic shift
-  (:func:`training.augmentation.safe_jitter`), which makes "must hold foreground" hold after
-  augmentation as well.
-* Per case the foreground and small-structure bounding boxes and voxel subsets are computed ONCE from
-  the label array (:func:`compute_case_info`); pass them in (``case_info``) to avoid the scan.
+* Structure voxels are drawn from a cached, evenly spaced subset of each structure's voxels; per case
+  the foreground and small-structure bounding boxes and voxel subsets are computed ONCE from the
+  label array (:func:`compute_case_info`); pass them in (``case_info``) to avoid the scan.
 * Patches are cut with zero padding (image 0, label 0) where they leave the volume.
 
-Randomness: one ``np.random.RandomState`` per sampler, seeded from ``(seed, worker id)``.
+Randomness: one ``np.random.RandomState`` per sampler, seeded from ``(seed, worker id)``; the
+augmentation's draws come from numpy's global RNG seeded per batch from it
+(:func:`training.augmentation.seeded_global_rng`).
 """
 
 from __future__ import annotations
@@ -37,14 +34,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import Any
 
 import numpy as np
 
-from training.augmentation import safe_jitter
+from training.augmentation import safe_jitter, seeded_global_rng
 from utils.preprocessing import case_id_of
 from utils.triples import Int3, int3
 
@@ -59,6 +56,8 @@ __all__ = [
 
 
 KINDS = ("any", "fore", "small")
+#: how "fore"/"small" centres are drawn (see :class:`PatchSampler`)
+CENTRE_MODES = ("original", "safe")
 
 
 def num_foreground_samples(batch_size: int) -> int:
@@ -150,17 +149,33 @@ def compute_case_info(label: np.ndarray, small_label: int | None, max_points: in
 class PatchSampler:
     """Infinite patch sampler over the training cases of one task.
 
-    :meth:`next_batch` returns ``{"data": float32 (B, M, *extraction), "seg": float32 (B, 1, *extraction),
-    "kinds": list[str], "case_ids": list[str], "aug_seed": int}`` (``aug_seed`` is consumed by
-    :class:`SeededCompose`). With ``extraction == patch_size`` (no augmentation) these are the patches.
+    :meth:`next_batch` returns ``{"data": float32 (B, M, *patch), "seg": float32 (B, 1, *patch),
+    "kinds": list[str], "case_ids": list[str], "aug_retries": int, "aug_fallbacks": int}``: the
+    augmented task patches (``augmenter`` given) or plain crops.
+
+    Centres (``centre_mode``; docs/paper_preset.md, "Patch sampling"):
+
+    * ``"original"`` (the preset): in the volume zero-padded (symmetrically) to at least the patch,
+      "any" draws a centre so that the patch lies inside (a smaller volume sits in the middle);
+      "fore"/"small" pick a random voxel of the structure and a centre up to ``patch/2 - 1`` voxels
+      away from it (kept inside). With augmentation, a "fore"/"small" patch that lost its structure
+      (or any patch that holds no image at all) is drawn again — new voxel, new centre, new
+      augmentation — up to ``max_tries`` times, then cut without augmentation (``aug_retries`` and
+      ``aug_fallbacks`` count both).
+    * ``"safe"``: "any" centres anywhere the patch fits; "fore"/"small" centres a structure voxel
+      plus a jitter of at most ``jitter`` (small enough that the voxel survives any augmentation:
+      :func:`training.augmentation.safe_jitter`), clipped to the structure's bounding box; no redraws.
 
     Args:
-        cases: case prefix paths ``.../train/<case>`` (see :func:`list_cases`).
+        cases: case prefix paths ``.../train/<case>`` (see :func:`utils.preprocessing.list_cases`).
         patch_size: task patch ``(z, y, x)``.
         batch_size: B.
         small_label: label of the smallest structure (``plans["small_label"]``); None/0: no "small".
-        extraction: region cut around each centre; default ``patch_size``.
-        jitter: max centre offset from a picked structure voxel; default ``patch // 2 - 1``.
+        extraction: region cut around each centre before augmentation; default ``patch_size``.
+        augmenter: per-sample augmentation (:class:`training.augmentation.SampleAugmenter`) or None.
+        centre_mode: ``"original"`` or ``"safe"`` (above).
+        jitter: "safe" mode's largest centre offset; default ``patch // 2 - 1``.
+        max_tries: "original" mode's augmented draws per sample before a plain crop (10).
         draws_per_case: samples drawn from each loaded case (2 in the preset).
         p_small, p_fore: kind probabilities (0.3, 0.3).
         seed: base seed; with ``worker_id`` it seeds ``RandomState(SeedSequence([seed, worker_id]))``.
@@ -178,7 +193,10 @@ class PatchSampler:
         *,
         small_label: int | None = None,
         extraction: Sequence[int] | None = None,
+        augmenter: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+        centre_mode: str = "original",
         jitter: Sequence[int] | None = None,
+        max_tries: int = 10,
         draws_per_case: int = 2,
         p_small: float = 0.3,
         p_fore: float = 0.3,
@@ -190,8 +208,10 @@ class PatchSampler:
         case_paths = [str(c) for c in cases]
         if not case_paths:
             raise ValueError("no training cases given")
-        if batch_size < 1 or draws_per_case < 1:
-            raise ValueError("batch_size and draws_per_case must be >= 1")
+        if batch_size < 1 or draws_per_case < 1 or max_tries < 1:
+            raise ValueError("batch_size, draws_per_case and max_tries must be >= 1")
+        if centre_mode not in CENTRE_MODES:
+            raise ValueError(f"centre_mode must be one of {CENTRE_MODES}, got {centre_mode!r}")
         self.cases = case_paths
         self.batch_size = int(batch_size)
         self.patch_size = int3(patch_size)
@@ -200,7 +220,10 @@ class PatchSampler:
             raise ValueError(
                 f"extraction {self.extraction} must be >= patch {self.patch_size} with even difference"
             )
+        self.augmenter = augmenter
+        self.centre_mode = centre_mode
         self.jitter = int3(jitter if jitter is not None else safe_jitter(self.patch_size, None))
+        self.max_tries = int(max_tries)
         self.small_label = small_label if small_label else None
         self.draws_per_case = draws_per_case
         self.p_small = p_small
@@ -276,7 +299,10 @@ class PatchSampler:
         return "any"
 
     def _centre(self, kind: str, info: CaseInfo) -> np.ndarray:
-        """Patch centre ``(3,)``; the task patch starts at ``centre - patch // 2``."""
+        """Patch centre ``(3,)`` in the volume's voxel coordinates; the task patch starts at
+        ``centre - patch // 2`` (voxels outside the volume read as zero)."""
+        if self.centre_mode == "original":
+            return self._centre_original(kind, info)
         shape = np.asarray(info.shape)
         patch = np.asarray(self.patch_size)
         if kind == "any":
@@ -284,37 +310,97 @@ class PatchSampler:
             lo, hi = np.minimum(free, 0), np.maximum(free, 0)
             start = np.array([self.rs.randint(a, b + 1) for a, b in zip(lo, hi, strict=True)])
             return start + patch // 2
-        points, bbox = (
-            (info.small_points, info.small_bbox) if kind == "small" else (info.fore_points, info.fore_bbox)
-        )
-        assert bbox is not None
+        points, bbox = self._structure(kind, info)
         anchor = points[self.rs.randint(len(points))].astype(np.int64)
         jit = np.array([self.rs.randint(-j, j + 1) for j in self.jitter])
         return np.clip(anchor + jit, bbox[:, 0], bbox[:, 1])
 
+    def _centre_original(self, kind: str, info: CaseInfo) -> np.ndarray:
+        """The original's rule, in the volume padded symmetrically (ceil(pad / 2) per side) to at
+        least the patch: "any" centres in [p//2, padded - p//2); "fore"/"small" centres within
+        ``p/2 - 1`` of a random structure voxel and at least ``p//2 - 1`` from either end."""
+        shape = np.asarray(info.shape)
+        patch = np.asarray(self.patch_size)
+        before = np.ceil(np.maximum(patch - shape, 0) / 2).astype(np.int64)
+        padded = shape + 2 * before
+        half = patch // 2
+        centre = np.empty(3, dtype=np.int64)
+        if kind == "any":
+            for d in range(3):
+                lo, hi = int(half[d]), int(padded[d] - half[d])
+                centre[d] = lo if hi <= lo else self.rs.randint(lo, hi)
+            return centre - before
+        points, _ = self._structure(kind, info)
+        voxel = points[self.rs.randint(len(points))].astype(np.int64) + before
+        for d in range(3):
+            reach = patch[d] / 2 - 1
+            lo = int(max(half[d] - 1, voxel[d] - reach))
+            hi = int(min(voxel[d] + reach, padded[d] - (half[d] - 1)))
+            centre[d] = lo if hi <= lo else self.rs.randint(lo, hi)
+        return centre - before
+
+    def _structure(self, kind: str, info: CaseInfo) -> tuple[np.ndarray, np.ndarray]:
+        points, bbox = (
+            (info.small_points, info.small_bbox) if kind == "small" else (info.fore_points, info.fore_bbox)
+        )
+        assert bbox is not None
+        return points, bbox
+
+    def _holds(self, kind: str, data: np.ndarray, seg: np.ndarray) -> bool:
+        """The original's acceptance test of a patch: some image, and the structure of its kind."""
+        if not data.any():
+            return False
+        if kind == "fore":
+            return bool((seg > 0).any())
+        if kind == "small":
+            return bool((seg == self.small_label).any())
+        return True
+
+    def _cut(self, centre: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        assert self._image is not None and self._label is not None
+        start = centre - np.asarray(size) // 2
+        data = extract_patch(self._image, start, size, out=np.zeros((self.num_modalities, *size), np.float32))
+        seg = extract_patch(self._label, start, size, out=np.zeros((1, *size), np.float32)[0])
+        return data, seg[None]
+
+    def _sample(self, kind: str, info: CaseInfo) -> tuple[np.ndarray, np.ndarray, int, bool]:
+        """One patch of ``kind``: (data (M, *patch), seg (1, *patch), redraws, fell back to a plain crop)."""
+        if self.augmenter is None:
+            data, seg = self._cut(self._centre(kind, info), self.patch_size)
+            return data, seg, 0, False
+        tries = self.max_tries if self.centre_mode == "original" else 1
+        for attempt in range(tries):
+            data, seg = self._cut(self._centre(kind, info), self.extraction)
+            data, seg = self.augmenter(data, seg)
+            if self.centre_mode != "original" or self._holds(kind, data, seg):
+                return data, seg, attempt, False
+        data, seg = self._cut(self._centre(kind, info), self.patch_size)
+        return data, seg, tries, True
+
     def next_batch(self) -> dict[str, Any]:
-        b_size, ext = self.batch_size, self.extraction
-        data = np.zeros((b_size, self.num_modalities, *ext), dtype=np.float32)
-        seg = np.zeros((b_size, 1, *ext), dtype=np.float32)
+        b_size, patch = self.batch_size, self.patch_size
+        data = np.zeros((b_size, self.num_modalities, *patch), dtype=np.float32)
+        seg = np.zeros((b_size, 1, *patch), dtype=np.float32)
         kinds: list[str] = []
         case_ids: list[str] = []
+        retries = fallbacks = 0
         n_fg = num_foreground_samples(b_size)
-        half_ext = np.asarray(ext) // 2
-        for b in range(b_size):
-            u = float(self.rs.random_sample())
-            idx, _ = self._next_draw(require_fg=b < n_fg)
-            info = self.case_info(idx)
-            kind = self._choose_kind(u, b < n_fg, info)
-            start = self._centre(kind, info) - half_ext
-            assert self._image is not None and self._label is not None
-            extract_patch(self._image, start, ext, out=data[b])
-            extract_patch(self._label, start, ext, out=seg[b, 0])
-            kinds.append(kind)
-            case_ids.append(case_id_of(self.cases[idx]))
+        with seeded_global_rng(int(self.rs.randint(0, 2**31 - 1))):  # the transforms' draws
+            for b in range(b_size):
+                u = float(self.rs.random_sample())
+                idx, _ = self._next_draw(require_fg=b < n_fg)
+                info = self.case_info(idx)
+                kind = self._choose_kind(u, b < n_fg, info)
+                data[b], seg[b], redraws, fell_back = self._sample(kind, info)
+                retries += redraws
+                fallbacks += int(fell_back)
+                kinds.append(kind)
+                case_ids.append(case_id_of(self.cases[idx]))
         return {
             "data": data,
             "seg": seg,
             "kinds": kinds,
             "case_ids": case_ids,
-            "aug_seed": int(self.rs.randint(0, 2**31 - 1)),
+            "aug_retries": retries,
+            "aug_fallbacks": fallbacks,
         }

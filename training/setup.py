@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from models.loading import build_model_from_checkpoint
-from models.params import freeze_for_task
+from models.params import freeze_for_task, transferable_conv_weights
 from models.unet import U2Net3D, build_model
 from training.config import PRESET_MODEL_PATCH, PRESET_POOLS, TrainConfig
 from training.data import TaskData
@@ -130,6 +130,47 @@ def adapt_to_new_task(
     )
 
 
+def adapt_like_original_code(
+    ckpt: Mapping[str, Any], new_task: TaskData, *, torch_seed: int = 1
+) -> ModelSetup:
+    """New domain as the original code did it (``--adapt_scope original_code``): a NEW model holding
+    only ``new_task``, built with the trained model's settings (torch seed ``torch_seed``), whose
+    encoder/decoder units' shared convolution weights are copied from the trained model and frozen
+    (:func:`models.params.transferable_conv_weights`); everything else — downsampling convolutions,
+    upsampling units, biases, norms, adapters, heads — trains from a fresh initialisation.
+    """
+    mode = ckpt["model_config"]["train_mode"]
+    if mode not in ("shared", "universal"):
+        raise ValueError(f"--ckp must hold a shared or universal model to adapt, this one is {mode!r}")
+    old, _ = build_model_from_checkpoint(ckpt)
+    cfg = old.config
+    torch.manual_seed(torch_seed)
+    model = build_model(
+        cfg.train_mode,
+        [new_task.num_modalities],
+        [new_task.num_classes],
+        module=cfg.module,
+        base_channels=cfg.base_channels,
+        pools_per_axis=tuple(cfg.pools_per_axis),
+        deep_supervision=cfg.deep_supervision,
+        residual=cfg.residual,
+    )
+    copied = set(transferable_conv_weights(model))
+    old_params = dict(old.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in copied:
+                p.copy_(old_params[name])
+            p.requires_grad_(name not in copied)
+    return ModelSetup(
+        model=model,
+        task_names=[new_task.name],
+        task_plans=[dict(new_task.plans)],
+        model_patch=_optional_int3(ckpt.get("model_patch")),
+        trained_tasks=[0],
+    )
+
+
 def setup_from_checkpoint(ckpt: Mapping[str, Any]) -> ModelSetup:
     """The model of a training checkpoint (to resume it): weights loaded, the trained tasks taken from
     its training state and, for a new-domain run, everything but the new task frozen again."""
@@ -137,7 +178,12 @@ def setup_from_checkpoint(ckpt: Mapping[str, Any]) -> ModelSetup:
     ts = ckpt.get("train_state") or {}
     trained = [int(t) for t in ts.get("trained_tasks", range(len(tasks)))]
     new_task = ts.get("new_task")
-    if new_task is not None:
+    frozen = ts.get("frozen_parameters")
+    if frozen is not None:  # exactly what the interrupted run froze
+        names = set(frozen)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in names)
+    elif new_task is not None:
         freeze_for_task(model, int(new_task))
     return ModelSetup(
         model=model,

@@ -27,11 +27,14 @@ class StepOptions:
         device: where the model lives.
         amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for plain fp32 (preset).
         channels_last: feed inputs as ``channels_last_3d`` (the model must be converted too).
+        grad_to_none: clear gradients to None between steps; False (the preset) zeroes them, as
+            the original did.
     """
 
     device: torch.device
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
+    grad_to_none: bool = False
 
     def autocast(self) -> contextlib.AbstractContextManager[object]:
         return autocast(self.device, self.amp_dtype)
@@ -72,7 +75,9 @@ def train_step(
     """
     x = options.to_input(image)
     y = label.to(options.device, non_blocking=True)
-    optimizer.zero_grad(set_to_none=True)
+    # the original zeroed gradients (old zero_grad()): a parameter that once had a gradient keeps a
+    # zero one, so Adam's moments and weight decay keep moving it at steps of other tasks
+    optimizer.zero_grad(set_to_none=options.grad_to_none)
     with options.autocast():
         logits = model(x, task_idx)
     loss = loss_fn(logits.float(), y)  # the losses (sorting, log-softmax) in float32

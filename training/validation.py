@@ -1,15 +1,17 @@
 """Validation Dice on the fold's validation cases, and NIfTI predictions, with the project's predictor.
 
-Validation runs the evaluation of ``docs/paper_preset.md`` ("Inference and evaluation") on the
-preprocessed (cropped, resampled) grid with the same :class:`inference.predictor.Segmenter` that
-``predict.py`` uses: sliding-window segmentation of the whole case (with the unified-patch volume
-scaling for shared/universal models), post-processing, and Dice per foreground class against the
-preprocessed label (:func:`utils.metrics.evaluate_case`). :func:`predict_cases_to_nifti` writes the
-same label maps back in the original geometry as NIfTI.
+Validation runs the evaluation of ``docs/paper_preset.md`` ("Inference and evaluation") with the
+same :class:`inference.predictor.Segmenter` that ``predict.py`` uses: sliding-window segmentation of
+the whole preprocessed case (with the unified-patch volume scaling for shared/universal models),
+post-processing, and Dice per foreground class (:func:`utils.metrics.evaluate_case`) — in the
+original geometry against the raw label, as the original did, when the raw data are at hand
+(``--val_grid original``, the default), else on the preprocessed grid.
+:func:`predict_cases_to_nifti` writes the same label maps back in the original geometry as NIfTI.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.geometry import write_label_nifti
+from inference.geometry import restore_to_original, write_label_nifti
 from inference.predictor import Segmenter, TaskModel
 from inference.settings import InferenceSettings
 from models.runtime import resolve_amp
 from models.unet import U2Net3D
 from training.config import TrainConfig
 from training.data import TaskData
+from utils.decathlon import apply_label_map, read_label
 from utils.io_utils import read_json
 from utils.metrics import evaluate_case, mean_per_class, write_metrics_csv
 from utils.preprocessing import case_id_of
@@ -76,14 +79,42 @@ def _example_slices(
     return np.array(image[0, z], dtype=np.float32), np.array(ref[z]), np.array(pred[z])
 
 
-def validate_task(segmenter: Segmenter, task: TaskData, *, max_cases: int | None = None) -> TaskValidation:
-    """Dice per foreground class of every validation case of ``task``."""
+def raw_label_path(dataset_dir: str | os.PathLike[str], task: str, case: str) -> Path:
+    """The raw MSD label of a preprocessed case: ``<dataset_dir>/<task>/labelsTr/<case id>.nii.gz``."""
+    return Path(dataset_dir) / task / "labelsTr" / f"{case_id_of(case)}.nii.gz"
+
+
+def validate_task(
+    segmenter: Segmenter,
+    task: TaskData,
+    *,
+    max_cases: int | None = None,
+    dataset_dir: str | os.PathLike[str] | None = None,
+) -> TaskValidation:
+    """Dice per foreground class of every validation case of ``task``.
+
+    With ``dataset_dir`` (the original's evaluation), a case whose raw label exists there is scored in
+    the original geometry: the prediction is put back into the original grid and compared with the
+    raw label mapped to the task's classes (tumour fused into the organ). Otherwise, and without
+    ``dataset_dir``, the prediction is scored on the preprocessed grid. Each row says which
+    (``grid``: ``original`` / ``preprocessed``).
+    """
     result = TaskValidation(task.name)
     cases = task.val_cases[:max_cases] if max_cases else task.val_cases
     for case in cases:
         pred = segmenter.segment_prepared_case(case)
         ref = np.asarray(np.load(case + "_label.npy", mmap_mode="r"))
-        row = {"case": case_id_of(case), **evaluate_case(pred, ref, task.num_classes, with_hd95=False)}
+        raw = raw_label_path(dataset_dir, task.name, case) if dataset_dir is not None else None
+        if raw is not None and raw.is_file():
+            raw_label, _ = read_label(raw)
+            original_ref = apply_label_map(raw_label, task.plans["label_map"])
+            original_pred = restore_to_original(pred, read_json(case + ".json"))
+            metrics = evaluate_case(original_pred, original_ref, task.num_classes, with_hd95=False)
+            grid = "original"
+        else:
+            metrics = evaluate_case(pred, ref, task.num_classes, with_hd95=False)
+            grid = "preprocessed"
+        row = {"case": case_id_of(case), "grid": grid, **metrics}
         result.rows.append(row)
         if result.example is None:
             result.example = _example_slices(case, pred, ref)
@@ -100,10 +131,13 @@ def validate(
     *,
     max_cases: int | None = None,
     csv_dir: Path | None = None,
+    dataset_dir: str | os.PathLike[str] | None = None,
 ) -> list[TaskValidation]:
     """Validate the tasks ``task_indices`` (indices into ``tasks`` = model task indices).
 
-    Writes one per-case CSV per task into ``csv_dir`` (with a last row of means) when given.
+    ``dataset_dir``: score in the original geometry where the raw labels are found
+    (:func:`validate_task`). Writes one per-case CSV per task into ``csv_dir`` (with a last row of
+    means) when given.
     The model is put in eval mode and back into train mode afterwards.
     """
     was_training = model.training
@@ -111,9 +145,8 @@ def validate(
     out = []
     try:
         for t in task_indices:
-            res = validate_task(
-                task_segmenter(model, tasks[t], t, model_patch, settings), tasks[t], max_cases=max_cases
-            )
+            segmenter = task_segmenter(model, tasks[t], t, model_patch, settings)
+            res = validate_task(segmenter, tasks[t], max_cases=max_cases, dataset_dir=dataset_dir)
             if csv_dir is not None and res.rows:
                 write_metrics_csv(csv_dir / f"{tasks[t].name}.csv", res.rows)
             out.append(res)

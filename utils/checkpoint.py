@@ -37,6 +37,8 @@ __all__ = [
     "CHECKPOINT_VERSION",
     "CheckpointError",
     "MODEL_CONFIG_KEYS",
+    "NonFiniteTensorError",
+    "first_nonfinite",
     "load_checkpoint",
     "make_checkpoint",
     "restore_rng_state",
@@ -62,6 +64,43 @@ _REQUIRED_KEYS = ("format", "version", "model_config", "model_patch", "tasks", "
 
 class CheckpointError(ValueError):
     """A file is missing, unreadable or not a u2net3d checkpoint."""
+
+
+class NonFiniteTensorError(ValueError):
+    """A checkpoint was not written because a floating-point tensor holds NaN or Inf values.
+
+    Attributes:
+        path: the checkpoint that was not written (its previous version is unchanged).
+        key: where the first such tensor sits, e.g. ``state_dict['head.0.weight']``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], key: str) -> None:
+        self.path = os.fspath(path)
+        self.key = key
+        super().__init__(
+            f"refusing to write checkpoint {self.path!r}: {key} holds NaN or Inf values "
+            "(the weights diverged); the file on disk, if any, is unchanged"
+        )
+
+
+def first_nonfinite(obj: Any, where: str = "") -> str | None:
+    """Where the first floating-point tensor with a NaN/Inf value sits in nested dicts / lists
+    (e.g. ``"['state_dict']['w']"``), or None when every one is finite."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            return None if bool(torch.isfinite(obj).all()) else where or "tensor"
+        return None
+    if isinstance(obj, Mapping):
+        items: Any = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = first_nonfinite(v, f"{where}[{k!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 def make_checkpoint(
@@ -120,8 +159,17 @@ def save_checkpoint(
     train_state: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build a checkpoint (see :func:`make_checkpoint`) and write it atomically
-    (:func:`utils.io_utils.atomic_write`). Returns the saved dict."""
+    (:func:`utils.io_utils.atomic_write`). Returns the saved dict.
+
+    Raises:
+        NonFiniteTensorError: a weight (or optimizer state) holds NaN/Inf; nothing is written.
+        utils.io_utils.DiskFullError: the disk filled up; the previous file is unchanged.
+    """
     ckpt = make_checkpoint(model_config, tasks, state_dict, model_patch=model_patch, train_state=train_state)
+    for key in ("state_dict", "train_state"):
+        bad = first_nonfinite(ckpt[key], key)
+        if bad is not None:
+            raise NonFiniteTensorError(path, bad)
     atomic_write(path, lambda f: torch.save(ckpt, f))
     return ckpt
 
@@ -137,8 +185,17 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r}: file not found")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04":  # a zip archive whose end (central directory) is missing
+            raise CheckpointError(
+                f"checkpoint {path!r}: not a readable torch file: it is truncated ({os.path.getsize(path)} "
+                "bytes, the end of the archive is missing: an interrupted copy or download?); copy it again "
+                "or use another checkpoint"
+            )
         raise CheckpointError(
-            f"checkpoint {path!r}: not a readable torch file (not a torch.save zip archive)"
+            f"checkpoint {path!r}: not a readable torch file (not a torch.save zip archive); give a "
+            "checkpoint written by this project's training (checkpoints/latest.pt, best.pt, epoch_XXXX.pt)"
         )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -154,7 +211,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"checkpoint {path!r}: not a {CHECKPOINT_FORMAT} checkpoint (format={ckpt.get('format')!r}; "
-            f"top-level keys {sorted(map(str, ckpt))[:10]})"
+            f"top-level keys {sorted(map(str, ckpt))[:10]}); give a checkpoint written by this project's "
+            "training (a foreign or whole-model pickle cannot be loaded)"
         )
     missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
     if missing:
@@ -182,7 +240,7 @@ def task_index(ckpt: Mapping[str, Any], name: str) -> int:
     names = [t["name"] for t in ckpt["tasks"]]
     if name in names:
         return names.index(name)
-    raise ValueError(f"task {name!r} is not in this checkpoint; it has {names}")
+    raise ValueError(f"task {name!r} is not in this checkpoint; it has {names}: choose one of them")
 
 
 # ----------------------------------------------------------------------------------------------

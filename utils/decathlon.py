@@ -17,7 +17,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ __all__ = [
     "Geometry",
     "apply_label_map",
     "case_id_from_path",
+    "check_image_values",
     "check_nifti_integrity",
     "check_same_geometry",
     "find_tasks",
@@ -222,39 +223,96 @@ def load_nifti(path: str | os.PathLike[str]) -> nib.Nifti1Image:
     return img
 
 
-def check_nifti_integrity(path: str | os.PathLike[str]) -> None:
-    """Make sure a NIfTI file holds all the voxel data its header announces.
+class _NonFiniteCounter:
+    """Counts NaN/Inf values in the voxel bytes of a NIfTI stream fed chunk by chunk.
 
-    SimpleITK silently reads a truncated ``.nii.gz`` (missing voxels become garbage or zeros), so
-    the whole gzip stream is decompressed once here: this catches truncation (end of stream
-    missing, or fewer bytes than header offset + voxel bytes) and corruption (CRC mismatch).
+    Args:
+        offset: where the voxel data starts (header + extensions), in bytes.
+        dtype: the stored voxel type (with its byte order); only floating types are checked.
+    """
+
+    def __init__(self, offset: int, dtype: np.dtype) -> None:
+        self.skip = offset
+        self.dtype = dtype
+        self.check = dtype.kind in "fc"
+        self.carry = b""
+        self.seen = 0  # voxels checked so far
+        self.count = 0
+        self.first = -1  # flat index (NIfTI order: x fastest) of the first NaN/Inf
+
+    def feed(self, chunk: bytes) -> None:
+        if not self.check:
+            return
+        if self.skip:
+            cut = min(self.skip, len(chunk))
+            chunk, self.skip = chunk[cut:], self.skip - cut
+        data = self.carry + chunk
+        n = len(data) // self.dtype.itemsize * self.dtype.itemsize
+        values = np.frombuffer(data[:n], dtype=self.dtype)
+        self.carry = data[n:]
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            if self.first < 0:
+                self.first = self.seen + int(bad[0])
+            self.count += int(bad.size)
+        self.seen += values.size
+
+
+def check_nifti_integrity(path: str | os.PathLike[str]) -> None:
+    """Make sure a NIfTI file holds all the voxel data its header announces, all of it finite.
+
+    SimpleITK silently reads a truncated ``.nii.gz`` (missing voxels become garbage or zeros) and
+    turns NaN/Inf voxels into 0, so the whole file is read once here: this catches truncation (end
+    of stream missing, or fewer bytes than header offset + voxel bytes), corruption (CRC mismatch)
+    and NaN/Inf values of floating-point images.
 
     Raises:
-        DataError: the file is missing, not NIfTI, truncated or corrupt.
+        DataError: the file is missing, not NIfTI, truncated or corrupt, or holds NaN/Inf voxels.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
-        header = load_nifti(path).header
+        nifti = load_nifti(path)
+        header = nifti.header
         shape = header.get_data_shape()
-        itemsize = np.dtype(header.get_data_dtype()).itemsize
-        offset = int(header.get_data_offset())
+        dtype = np.dtype(header.get_data_dtype())
+        # where the voxels start on disk (the image's header copy says 0)
+        offset = int(getattr(nifti.dataobj, "offset", header.get_data_offset()))
     except Exception as e:  # noqa: BLE001 - any parse failure means "not a readable NIfTI"
-        raise DataError(path, f"not a readable NIfTI file ({type(e).__name__}: {e})") from e
-    expected = offset + int(np.prod(shape, dtype=np.int64)) * itemsize
-    if str(path).endswith(".gz"):
-        total = 0
-        try:
-            with gzip.open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    total += len(chunk)
-        except (EOFError, OSError, zlib.error) as e:
-            raise DataError(path, f"truncated or corrupt gzip stream ({type(e).__name__}: {e})") from e
-    else:
-        total = path.stat().st_size
+        raise DataError(
+            path, f"not a readable NIfTI file ({type(e).__name__}: {e}); convert the image to NIfTI (.nii.gz)"
+        ) from e
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    counter = _NonFiniteCounter(offset, dtype)
+    total = 0
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
+                counter.feed(chunk)
+    except (EOFError, OSError, zlib.error) as e:
+        raise DataError(
+            path,
+            f"truncated or corrupt gzip stream ({type(e).__name__}: {e}): an interrupted copy or "
+            "download? copy the file again",
+        ) from e
     if total < expected:
-        raise DataError(path, f"truncated: header announces {expected} bytes of data, file holds {total}")
+        raise DataError(
+            path,
+            f"truncated: header announces {expected} bytes of data, file holds {total} (an interrupted copy "
+            "or download?); copy the file again",
+        )
+    if counter.count:
+        where = np.unravel_index(counter.first, shape, order="F")  # NIfTI: (x, y, z[, modality])
+        zyx = f"(z, y, x) = ({where[2]}, {where[1]}, {where[0]})" if len(where) >= 3 else str(where)
+        mod = f" of modality {where[3]}" if len(where) >= 4 else ""
+        raise DataError(
+            path,
+            f"{counter.count} voxel(s) are NaN or Inf (the first at {zyx}{mod}): a broken conversion or "
+            "export; fix or re-export the image",
+        )
 
 
 def _geometry_from_image(image: sitk.Image) -> Geometry:
@@ -332,34 +390,87 @@ def _read_sitk(path: Path, pixel_type: int | None, verify: bool) -> sitk.Image:
 
 def read_image(
     path: str | os.PathLike[str],
-    expected_modalities: int | None = None,
+    expected_modalities: int | Sequence[str] | None = None,
     *,
     verify: bool = True,
+    task: str = "",
 ) -> tuple[np.ndarray, Geometry]:
-    """Read a 3D or 4D NIfTI image as float32 (modality, z, y, x).
+    """Read a 3D or 4D NIfTI image as float32 (modality, z, y, x) and check what it holds.
 
     Args:
         path: the image file.
-        expected_modalities: number of modalities ``dataset.json`` lists; a mismatch with the
-            file (3D = 1, 4D = length of the 4th axis) raises.
+        expected_modalities: the modalities ``dataset.json`` lists (their number, or their names
+            for a clearer message); a mismatch with the file (3D = 1, 4D = length of the 4th
+            axis) raises.
         verify: run :func:`check_nifti_integrity` first (catches truncated files).
+        task: the task's name, for messages.
 
     Raises:
-        DataError: missing/corrupt/truncated file, wrong dimensionality or modality count.
+        DataError: missing/corrupt/truncated/non-NIfTI file, not 3D/4D (e.g. a 2D slice), wrong
+            modality count, NaN/Inf voxels, or a modality whose voxels are all 0.
     """
     path = Path(path)
     image = _read_sitk(path, sitk.sitkFloat32, verify)
     dim = image.GetDimension()
     if dim not in (3, 4):
-        raise DataError(path, f"expected a 3D or 4D image, found {dim}D")
+        raise DataError(
+            path,
+            f"expected a 3D image (or 4D with the modalities on its 4th axis), found a {dim}D image of size "
+            f"{image.GetSize()}: give the whole volume, not a slice",
+        )
     geom = _geometry_from_image(image)
-    if expected_modalities is not None and geom.n_modalities != expected_modalities:
+    names = (
+        None if expected_modalities is None or isinstance(expected_modalities, int) else expected_modalities
+    )
+    n_expected = len(names) if names is not None else expected_modalities
+    if n_expected is not None and geom.n_modalities != n_expected:
         kind = "a 3D image (1 modality)" if dim == 3 else f"{geom.n_modalities} modalities on its 4th axis"
-        raise DataError(path, f"image has {kind} but dataset.json lists {expected_modalities} modalities")
+        listed = f" ({', '.join(names)})" if names else ""
+        of_task = f" for {task}" if task else ""
+        raise DataError(
+            path,
+            f"image has {kind} but dataset.json lists {n_expected} modalities{listed}{of_task}: give a 3D "
+            "image for a 1-modality task, else a 4D image with the modalities in that order on its 4th axis",
+        )
     array = sitk.GetArrayFromImage(image)  # 3D: (z, y, x); 4D: (t, z, y, x)
     if dim == 3:
         array = array[np.newaxis]
-    return np.ascontiguousarray(array, dtype=np.float32), geom
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    check_image_values(array, path, names)
+    return array, geom
+
+
+def check_image_values(
+    image: np.ndarray, path: str | os.PathLike[str], modality_names: Sequence[str] | None = None
+) -> None:
+    """Refuse an image with NaN/Inf voxels or a modality whose voxels are all 0.
+
+    Args:
+        image: (M, z, y, x) image as read.
+        path: the file, for the message.
+        modality_names: names for the message (default: their numbers).
+
+    Raises:
+        DataError: naming the file, the modality and what is wrong.
+    """
+    for m in range(image.shape[0]):
+        vol = image[m]
+        which = "the image" if image.shape[0] == 1 else f"modality {m}"
+        if modality_names is not None and m < len(modality_names):
+            which += f" ({modality_names[m]})"
+        finite = np.isfinite(vol)
+        if not finite.all():
+            bad = int(vol.size - np.count_nonzero(finite))
+            first = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise DataError(
+                path,
+                f"{bad} voxel(s) of {which} are NaN or Inf (the first at (z, y, x) = {first}): a broken "
+                "conversion or export; fix or re-export the image",
+            )
+        if not vol.any():
+            raise DataError(
+                path, f"every voxel of {which} is 0: an empty or failed export; re-export the image"
+            )
 
 
 def read_label(path: str | os.PathLike[str], *, verify: bool = True) -> tuple[np.ndarray, Geometry]:

@@ -88,7 +88,7 @@ class RunSummary:
     skipped: int = 0
     failed: list[CaseResult] = field(default_factory=list)
     task_errors: dict[str, str] = field(default_factory=dict)
-    folds_added: list[str] = field(default_factory=list)
+    folds_added: dict[str, str] = field(default_factory=dict)  # task -> where its folds came from
     seconds: float = 0.0
 
     @property
@@ -190,6 +190,7 @@ def plan_task(
                 "rerun with --overwrite to redo the task with the new settings"
             )
     atomic_write_json(plans_path, plans)
+    remove_stale_temporaries(out_dir)  # of plans.json (those of the cases: below)
 
     run = TaskRun(task, out_dir, plans, overrides, spacings, shapes)
     for sub, cases, with_label in (("train", task.training, True), ("test", task.test, False)):
@@ -213,7 +214,7 @@ def plan_task(
     return run
 
 
-def _finalise_task(run: TaskRun, failed_train: bool, folds_file: Path | None, log: Log) -> list[str]:
+def _finalise_task(run: TaskRun, failed_train: bool, folds_file: Path | None, log: Log) -> dict[str, str]:
     """Rewrite plans.json with the real median shape; add fold splits when training is complete."""
     train_dir = run.out_dir / "train"
     done_ids, resampled = [], []
@@ -237,13 +238,13 @@ def _finalise_task(run: TaskRun, failed_train: bool, folds_file: Path | None, lo
         atomic_write_json(run.out_dir / "plans.json", final)
         run.plans = final
     if folds_file is None:
-        return []
+        return {}
     all_done = len(done_ids) == len(run.task.training)
     if failed_train or not all_done:
         log(
             f"{run.task.name}: fold splits not written, {len(run.task.training) - len(done_ids)} training case(s) missing"
         )
-        return []
+        return {}
     return update_fold_file(folds_file, {run.task.name: done_ids})
 
 
@@ -295,6 +296,7 @@ def run_preprocessing(
     if not task_dirs:
         log(f"no Task* folders with a dataset.json in {dataset_dir}")
     runs: list[TaskRun] = []
+    remove_stale_temporaries(prep_dir)  # of fold_splits.json, left by a killed run
     for task_dir in task_dirs:
         summary.tasks.append(task_dir.name)
         try:
@@ -355,6 +357,6 @@ def run_preprocessing(
             summary.task_errors[run.task.name] = f"finalising failed: {e}"
             log(f"FAILED task {run.task.name}: finalising: {e}")
             continue
-        summary.folds_added.extend(added)
+        summary.folds_added.update(added)
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+from skimage.transform import resize as skimage_resize
 
 from utils.decathlon import (
     DataError,
@@ -58,7 +59,10 @@ __all__ = [
     "preprocess_arrays",
     "preprocess_case",
     "preprocess_image",
+    "nearest_indices",
     "resample_volume",
+    "resize_image",
+    "resize_nearest",
     "save_case",
     "weight_map",
     "zero_background",
@@ -167,6 +171,64 @@ def resample_volume(
     if is_label:
         return array.astype(src_dtype, copy=False)
     return array.astype(np.float32, copy=False)
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of a nearest-neighbour resize along one axis.
+
+    Voxel centres are aligned ("nearest-exact", i.e. ``align_corners=False``): output voxel ``i``
+    takes input voxel ``floor((i + 0.5) * in_size / out_size)``.
+
+    Returns:
+        int64 array of shape (out_size,), values in [0, in_size).
+    """
+    if in_size <= 0 or out_size <= 0:
+        raise ValueError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
+    idx = np.floor((np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size)).astype(np.int64)
+    return np.clip(idx, 0, in_size - 1)
+
+
+def resize_nearest(volume: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resize of a 3D array (labels) to ``out_shape``.
+
+    Args:
+        volume: (z, y, x) array of any dtype.
+        out_shape: target (z, y, x).
+
+    Returns:
+        (out_shape) array of the same dtype (a copy, even when the shape is unchanged).
+    """
+    if volume.ndim != 3 or len(out_shape) != 3:
+        raise ValueError(
+            f"resize_nearest expects a 3D volume and a 3D shape, got {volume.shape} -> {out_shape}"
+        )
+    out_shape = tuple(int(s) for s in out_shape)
+    if tuple(volume.shape) == out_shape:
+        return volume.copy()
+    iz, iy, ix = (nearest_indices(i, o) for i, o in zip(volume.shape, out_shape, strict=True))
+    # fancy-index one axis at a time: never materialises more than the output
+    return volume[iz][:, iy][:, :, ix]
+
+
+def resize_image(image: np.ndarray, shape: Sequence[int], order: int = 3) -> np.ndarray:
+    """Resize every modality of an (M, z, y, x) image to ``shape`` as the original did: skimage's
+    ``resize`` with spline order 3 (cubic), constant-0 border, clipping to the input range, no
+    anti-aliasing (the original's scikit-image 0.14 default). Training's unified-patch resize and
+    inference's whole-volume scaling both use it.
+
+    Returns:
+        float32 (M, *shape).
+    """
+    if image.ndim != 4:
+        raise ValueError(f"expected an (M, z, y, x) image, got shape {image.shape}")
+    out_shape = tuple(int(s) for s in shape)
+    out = np.empty((image.shape[0], *out_shape), dtype=np.float32)
+    for m in range(image.shape[0]):
+        out[m] = skimage_resize(
+            np.asarray(image[m], dtype=np.float32), out_shape, order=order, mode="constant", cval=0.0,
+            clip=True, anti_aliasing=False, preserve_range=True,
+        )  # fmt: skip
+    return out
 
 
 def clip_ct(volume: np.ndarray, minimum: float = -1024.0) -> np.ndarray:
@@ -290,6 +352,10 @@ def preprocess_arrays(
     return out, weight, lab_out, sidecar
 
 
+def _modalities(plans: Mapping[str, Any]) -> list[str]:
+    return [str(m) for m in plans["modalities"]]
+
+
 def _sidecar(case_id: str, image_path: Path, geometry: Geometry, fields: Mapping[str, Any]) -> dict[str, Any]:
     geo = geometry.as_dict()
     side: dict[str, Any] = {
@@ -326,10 +392,11 @@ def preprocess_image(
         of ``docs/formats.md`` (no ``class_voxels``).
 
     Raises:
-        DataError: unreadable/truncated file or a modality count that disagrees with the plans.
+        DataError: unreadable/truncated/non-NIfTI file, not 3D/4D, a modality count that disagrees
+            with the plans, NaN/Inf voxels or an all-zero modality (:func:`utils.decathlon.read_image`).
     """
     image_path = Path(image_path)
-    image, geom = read_image(image_path, len(plans["modalities"]), verify=verify)
+    image, geom = read_image(image_path, _modalities(plans), verify=verify, task=str(plans.get("task", "")))
     img, weight, _, fields = preprocess_arrays(image, geom, plans)
     return img, weight, _sidecar(case_id_from_path(image_path), image_path, geom, fields)
 
@@ -354,7 +421,7 @@ def preprocess_case(
     image_path, label_path = Path(image_path), Path(label_path)
     if not label_path.is_file():
         raise DataError(label_path, "label file not found")
-    image, geom = read_image(image_path, len(plans["modalities"]), verify=verify)
+    image, geom = read_image(image_path, _modalities(plans), verify=verify, task=str(plans.get("task", "")))
     label, lgeom = read_label(label_path, verify=verify)
     check_same_geometry(geom, lgeom, label_path)
     img, weight, lab, fields = preprocess_arrays(image, geom, plans, label)

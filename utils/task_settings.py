@@ -91,6 +91,7 @@ class TaskPreset:
     tumour_classes: tuple[int, ...] | None = None
     paper: bool = False
     note: str = field(default="", compare=False)
+    zero_upper_half_x: bool = False  # post-processing: clear the upper half of the last axis first
 
 
 _FUSE_2_INTO_1 = ((0, 0), (1, 1), (2, 1))
@@ -115,7 +116,16 @@ PRESETS: Mapping[str, TaskPreset] = MappingProxyType(
             (2.5, 0.8, 0.8), (96, 160, 128), (4, 5, 5), 2, _FUSE_2_INTO_1, 1, None, (), True
         ),
         "Task09_Spleen": TaskPreset(
-            (5.0, 0.8, 0.8), (96, 160, 128), (4, 5, 5), 2, ((0, 0), (1, 1)), 1, None, (), True
+            (5.0, 0.8, 0.8),
+            (96, 160, 128),
+            (4, 5, 5),
+            2,
+            ((0, 0), (1, 1)),
+            1,
+            None,
+            (),
+            True,
+            zero_upper_half_x=True,  # the original cleared x >= W // 2: the spleen lies in the other half
         ),
         # demo tasks: fusion/post-processing like their real counterparts, the rest derived
         "Task91_DemoLiverCT": TaskPreset(label_map=_FUSE_2_INTO_1, keep_components=1, tumour_classes=()),
@@ -279,6 +289,7 @@ def build_plans(
     batch_size: int | None = None,
     label_map: Mapping[int, int] | Mapping[str, int] | None = None,
     keep_components: int | None = None,
+    zero_upper_half_x: bool | None = None,
     small_label: int | None = None,
     tumour_classes: Sequence[int] | None = None,
     zero_mask: str | None = None,
@@ -298,6 +309,7 @@ def build_plans(
         resampled_shapes_zyx: the actual shapes after crop + resampling (e.g. from the case
             sidecars); used instead of the header-based estimate for the median shape.
         target_spacing, patch_size, pools_per_axis, batch_size, label_map, keep_components,
+        zero_upper_half_x,
         small_label, tumour_classes: overrides; ``None`` = preset row or derived.
         zero_mask: ``"none"`` (paper) or ``"nearest"`` (default outside the paper preset), see
             :data:`NORMALISATION_DERIVED`.
@@ -400,6 +412,11 @@ def build_plans(
         small = row.small_label if row.small_label is not None else num_classes - 1
     if not 0 <= small < num_classes:
         raise ValueError(f"small_label {small} is not a class of {labels}")
+    if zero_upper_half_x is not None:
+        zero_half = bool(zero_upper_half_x)
+        overrides.append("zero_upper_half_x")
+    else:
+        zero_half = row.zero_upper_half_x
     if tumour_classes is not None:
         tumours = sorted(int(c) for c in tumour_classes)
         overrides.append("tumour_classes")
@@ -429,6 +446,7 @@ def build_plans(
         "small_label": int(small),
         "tumour_classes": tumours,
         "keep_components": int(keep),
+        "zero_upper_half_x": zero_half,
         "normalisation": {k: (list(v) if isinstance(v, tuple) else v) for k, v in norm.items()},
         "source": source,
         "preset_row": match[0] if match else None,
