@@ -34,17 +34,11 @@ from typing import Any
 
 from models.loading import build_model_from_checkpoint
 from models.params import parameter_counts
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import best_checkpoints, load_checkpoint
 from utils.io_utils import atomic_write_csv
 from utils.metrics import evaluate_folder
 
 FIELDS = ("mode", "task", "class", "class_name", "dice", "hd95_mm", "num_cases", "params", "task_params")
-
-
-def find_checkpoints(folder: Path) -> list[Path]:
-    if (folder / "checkpoints" / "best.pt").is_file():
-        return [folder / "checkpoints" / "best.pt"]
-    return sorted(folder.glob("*/checkpoints/best.pt"))
 
 
 def evaluate_mode(
@@ -52,7 +46,7 @@ def evaluate_mode(
 ) -> list[dict[str, Any]]:
     """Rows of one mode: every trained task of every checkpoint below ``folder``."""
     rows = []
-    for ck_path in find_checkpoints(folder):
+    for ck_path in best_checkpoints(folder):
         ckpt = load_checkpoint(ck_path)
         model, ck_tasks = build_model_from_checkpoint(ckpt)
         counts = parameter_counts(model)

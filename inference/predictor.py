@@ -35,7 +35,7 @@ from inference.sliding_window import NetworkFn, infer_case
 from models.loading import build_model_from_checkpoint
 from models.runtime import resolve_device
 from models.unet import U2Net3D
-from utils.checkpoint import load_checkpoint, task_index
+from utils.checkpoint import choose_task, load_checkpoint
 from utils.decathlon import DataError
 from utils.io_utils import DiskFullError, check_writable_folder, remove_stale_temporaries
 from utils.preprocessing import preprocess_image
@@ -92,12 +92,7 @@ class TaskModel:
         """
         dev = resolve_device(device)
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        names = [t["name"] for t in ckpt["tasks"]]
-        if task is None:
-            if len(names) != 1:
-                raise ValueError(f"the checkpoint holds {len(names)} tasks {names}; choose one with --task")
-            task = names[0]
-        idx = task_index(ckpt, task)
+        idx, task = choose_task(ckpt, task)
         model, tasks = build_model_from_checkpoint(ckpt)
         model.to(dev).eval()
         plans = dict(tasks[idx]["plans"])

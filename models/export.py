@@ -44,7 +44,7 @@ from models.loading import build_model_from_checkpoint
 from models.norms import TaskModuleList
 from models.params import parameter_counts
 from models.unet import U2Net3D, count_parameters
-from utils.checkpoint import CheckpointError, load_checkpoint, task_index
+from utils.checkpoint import CheckpointError, choose_task, load_checkpoint
 from utils.io_utils import atomic_path, atomic_write
 
 __all__ = [
@@ -443,12 +443,7 @@ def export_domain(
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
     ckpt = load_checkpoint(ckp)
-    names = [t["name"] for t in ckpt["tasks"]]
-    if task is None:
-        if len(names) != 1:
-            raise ValueError(f"the checkpoint holds {len(names)} tasks {names}; choose one with --task")
-        task = names[0]
-    t = task_index(ckpt, task)
+    t, task = choose_task(ckpt, task)
     model, tasks = build_model_from_checkpoint(ckpt)
     model.set_fused_ops(False)  # the reference computes with the same plain ops as the export
     net = extract_domain(model, t)

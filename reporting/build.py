@@ -30,10 +30,10 @@ from reporting.charts import ModeParameters, plot_dice_chart, plot_parameter_cha
 from reporting.curves import RunCurves, find_runs, plot_run_curves, read_run
 from reporting.html import Section, figure, missing_links, table, write_page
 from reporting.overlays import render_case_overlay
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import best_checkpoints, load_checkpoint
 from utils.decathlon import apply_label_map, read_image, read_label
 
-__all__ = ["Report", "evaluation_report", "find_checkpoints", "run_report"]
+__all__ = ["Report", "evaluation_report", "run_report"]
 
 REPORT_HTML = "report.html"
 ASSETS = "report"
@@ -47,13 +47,6 @@ class Report:
     page: Path
     images: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-
-
-def find_checkpoints(folder: Path) -> list[Path]:
-    """``folder/checkpoints/best.pt``, or that of every run folder below ``folder``."""
-    if (folder / "checkpoints" / "best.pt").is_file():
-        return [folder / "checkpoints" / "best.pt"]
-    return sorted(folder.glob("*/checkpoints/best.pt"))
 
 
 def _safe(name: str) -> str:
@@ -124,7 +117,7 @@ def run_report(
     sections = [_curves_section([("", read_run(r)) for r in runs], out / ASSETS, out, report)]
     rows = []
     for r in runs:
-        for ck in find_checkpoints(r):
+        for ck in best_checkpoints(r):
             model, tasks = build_model_from_checkpoint(load_checkpoint(ck))
             counts = parameter_counts(model)
             mode = model.config.train_mode + (f" ({model.config.module})" if model.config.module else "")
@@ -349,7 +342,7 @@ def evaluation_report(
         report.images.append(dice_png)
         sections.append(_summary_section(rows, dice_png, out))
     plans: dict[str, dict[str, Any]] = {}
-    modes = [_mode_parameters(mode, find_checkpoints(Path(folder)), plans) for mode, folder in evals]
+    modes = [_mode_parameters(mode, best_checkpoints(Path(folder)), plans) for mode, folder in evals]
     modes = [m for m in modes if m.total]
     if modes:
         png = plot_parameter_chart(modes, assets / "parameters.png")

@@ -25,6 +25,7 @@ import os
 import random
 import zipfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,8 @@ import torch
 from utils.io_utils import atomic_write
 
 __all__ = [
+    "best_checkpoints",
+    "choose_task",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
@@ -233,6 +236,26 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise CheckpointError(f"checkpoint {path!r}: 'state_dict' is not a dict")
     ckpt.setdefault("train_state", None)
     return ckpt
+
+
+def choose_task(ckpt: Mapping[str, Any], name: str | None) -> tuple[int, str]:
+    """``(index, name)`` of the task called ``name``, or of the checkpoint's only task when ``name`` is
+    None (ValueError asking for ``--task`` when there are several; see :func:`task_index`)."""
+    names = [t["name"] for t in ckpt["tasks"]]
+    if name is None:
+        if len(names) != 1:
+            raise ValueError(f"the checkpoint holds {len(names)} tasks {names}; choose one with --task")
+        name = names[0]
+    return task_index(ckpt, name), name
+
+
+def best_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
+    """The best checkpoint of a run folder (``checkpoints/best.pt``), or those of the run folders in
+    ``folder`` (``*/checkpoints/best.pt``, sorted), e.g. one per task of an independent mode."""
+    root = Path(folder)
+    if (root / "checkpoints" / "best.pt").is_file():
+        return [root / "checkpoints" / "best.pt"]
+    return sorted(root.glob("*/checkpoints/best.pt"))
 
 
 def task_index(ckpt: Mapping[str, Any], name: str) -> int:
