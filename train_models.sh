@@ -91,10 +91,13 @@ demo() {
     read -r -a extra_train <<< "${DEMO_TRAIN_ARGS:-}"
     read -r -a extra_predict <<< "${DEMO_PREDICT_ARGS:-}"
     common+=("${extra_train[@]}")
+    # the schedule (docs/training.md, "Laptop demo"): steps per task, 160 universal, 120 independent,
+    # 120 shared, 120 for the new domain
     local multi=(--model_patch 32 32 32 --pools 3 3 3 --max_epoch "${DEMO_EPOCHS_MULTI:-4}"
-        --steps_per_epoch "${DEMO_STEPS_MULTI:-150}")
-    local indep=(--patch_size 32 32 32 --max_epoch "${DEMO_EPOCHS_INDEP:-4}" --steps_per_epoch "${DEMO_STEPS_INDEP:-50}")
-    local adapt=(--max_epoch "${DEMO_EPOCHS_ADAPT:-4}" --steps_per_epoch "${DEMO_STEPS_ADAPT:-50}")
+        --steps_per_epoch "${DEMO_STEPS_MULTI:-120}")
+    local shared=(--max_epoch "${DEMO_EPOCHS_SHARED:-3}")
+    local indep=(--patch_size 32 32 32 --max_epoch "${DEMO_EPOCHS_INDEP:-3}" --steps_per_epoch "${DEMO_STEPS_INDEP:-40}")
+    local adapt=(--max_epoch "${DEMO_EPOCHS_ADAPT:-3}" --steps_per_epoch "${DEMO_STEPS_ADAPT:-40}")
 
     stamp "generating demo tasks into $DEMO_DATA/"
     rm -rf "$DEMO_DATA"
@@ -105,35 +108,41 @@ demo() {
     "$PY" preprocess_taskSep.py --dataset_dir "$DEMO_DATA" --prep_dir "$DEMO_PREP" --nProc 2 --no_progress \
         > "$logs/preprocess.log"
 
-    # two training processes at a time (one thread each): the 2 cores stay busy
-    stamp "training independent models (log $logs/independent.log) and the universal model ($logs/universal.log)"
-    "$PY" train_model_no_adapters.py --trainMode independent --out_tag demo --tasks $DEMO_TASKS "${common[@]}" \
-        "${indep[@]}" > "$logs/independent.log" 2>&1 &
-    local p1=$!
-    "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo \
-        --tasks $DEMO_TASKS "${common[@]}" "${multi[@]}" > "$logs/universal.log" 2>&1 &
-    local p2=$!
-    wait $p1 || { tail -20 "$logs/independent.log"; exit 1; }
-    stamp "independent models done; training the shared model ($logs/shared.log)"
-    "$PY" train_model_no_adapters.py --trainMode shared --out_tag demo --tasks $DEMO_TASKS "${common[@]}" "${multi[@]}" \
-        > "$logs/shared.log" 2>&1 &
-    local p3=$!
-    wait $p2 || { tail -20 "$logs/universal.log"; exit 1; }
+    # two lanes of training processes (one thread each) keep the 2 cores busy:
+    #   lane 1: independent models -> shared model -> universal model adapted as the original code did
+    #   lane 2: universal model -> universal model extended to the new domain
     local uni="$DEMO_RES/res_u2net3d_universal_demo/${DEMO_TASKS// /_}"
-    stamp "universal model done; adapting it to the new domain $DEMO_NEW, extending it ($logs/universal_adapted.log)" \
-        "and as the original code did ($logs/universal_adapted_original.log)"
+    stamp "lane 1: independent models ($logs/independent.log), shared model ($logs/shared.log), then the universal" \
+        "model adapted to $DEMO_NEW as the original code did ($logs/universal_adapted_original.log)"
+    stamp "lane 2: universal model ($logs/universal.log), then extended to $DEMO_NEW ($logs/universal_adapted.log)"
     (
-        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted \
-            --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" "${adapt[@]}" \
-            > "$logs/universal_adapted.log" 2>&1 || { tail -20 "$logs/universal_adapted.log"; exit 1; }
+        "$PY" train_model_no_adapters.py --trainMode independent --out_tag demo --tasks $DEMO_TASKS "${common[@]}" \
+            "${indep[@]}" > "$logs/independent.log" 2>&1 || { tail -20 "$logs/independent.log"; exit 1; }
+        "$PY" train_model_no_adapters.py --trainMode shared --out_tag demo --tasks $DEMO_TASKS "${common[@]}" \
+            "${multi[@]}" "${shared[@]}" > "$logs/shared.log" 2>&1 || { tail -20 "$logs/shared.log"; exit 1; }
+        while [[ ! -f "$logs/universal.done" ]]; do
+            [[ -f "$logs/universal.failed" ]] && exit 1
+            sleep 2
+        done
         "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted_original \
             --adapt_scope original_code --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
             "${adapt[@]}" > "$logs/universal_adapted_original.log" 2>&1 \
             || { tail -20 "$logs/universal_adapted_original.log"; exit 1; }
     ) &
-    local p4=$!
-    wait $p3 || { tail -20 "$logs/shared.log"; exit 1; }
-    wait $p4 || exit 1
+    local lane1=$!
+    (
+        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo \
+            --tasks $DEMO_TASKS "${common[@]}" "${multi[@]}" > "$logs/universal.log" 2>&1 \
+            || { touch "$logs/universal.failed"; tail -20 "$logs/universal.log"; exit 1; }
+        touch "$logs/universal.done"
+        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted \
+            --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" "${adapt[@]}" \
+            > "$logs/universal_adapted.log" 2>&1 || { tail -20 "$logs/universal_adapted.log"; exit 1; }
+    ) &
+    local lane2=$!
+    wait $lane1 || exit 1
+    wait $lane2 || exit 1
+    rm -f "$logs/universal.done"
 
     stamp "segmenting the test images with predict.py ($logs/predict.log)"
     local jobs=()
