@@ -7,11 +7,15 @@
 #   bash train_models.sh --demo     laptop demo on generated data: under 10 minutes on 2 CPU cores
 #                                   (--demo --seed N: another seed for the data and the training runs)
 #   bash train_models.sh --dry_run  print the paper list's commands without running them
+#   bash train_models.sh --gpus N   the paper list, every training run data parallel under torchrun with N
+#                                   processes (one per GPU); also with --dry_run
 #
 # Environment: PYTHON (default: the first of python, python3, .venv/bin/python that has the
 # requirements), TAG (paper list: output folder tag, default "paper"), DEVICE (paper list: default
 # cuda); demo: DEMO_SEED (as --seed), DEMO_TRAIN_ARGS / DEMO_PREDICT_ARGS (extra flags for every
-# training run / predict.py call, e.g. DEMO_TRAIN_ARGS="--grad_none"). See docs/training.md.
+# training run / predict.py call, e.g. DEMO_TRAIN_ARGS="--grad_none"); with --gpus: TORCHRUN_ARGS (torchrun's
+# arguments besides --nproc_per_node, default --standalone; for several nodes e.g. "--nnodes 2
+# --rdzv_backend c10d --rdzv_endpoint HOST:29400 --rdzv_id JOB", the same on every node). See docs/training.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 # the first Python that has the requirements: $PYTHON, python, python3, ./.venv/bin/python
@@ -31,7 +35,24 @@ FIVE="Task02_Heart Task03_Liver Task04_Hippocampus Task05_Prostate Task07_Pancre
 FIVE_DIR="${FIVE// /_}"
 
 paper() {
-    local run="$1" TAG="${TAG:-paper}" DEV="${DEVICE:-cuda}"
+    local run="$1" TAG="${TAG:-paper}" DEV="${DEVICE:-cuda}" gpus=0
+    shift
+    while (($#)); do
+        case "$1" in
+            --gpus) gpus="${2:-}"; shift $(($# > 1 ? 2 : 1)) ;;
+            *) echo "unknown option $1 (use --gpus N)" >&2; exit 2 ;;
+        esac
+    done
+    if ! [[ "$gpus" =~ ^[0-9]+$ ]]; then
+        echo "--gpus needs a number of processes per run, got '$gpus'" >&2
+        exit 2
+    fi
+    # the training runs: plain, or under torchrun with N processes (data parallel, docs/training.md)
+    local train=("$PY") launch
+    if ((gpus > 0)); then
+        read -r -a launch <<< "${TORCHRUN_ARGS:---standalone}"
+        train=("$PY" -m torch.distributed.run "${launch[@]}" --nproc_per_node "$gpus")
+    fi
     # data: header statistics, preprocessing (resumable: finished cases are skipped) and fold splits
     $run "$PY" data_explore.py --dataset_dir dataset
     $run "$PY" preprocess_taskSep.py --dataset_dir dataset --prep_dir prepData
@@ -39,17 +60,17 @@ paper() {
     # last checkpoint (finished runs have nothing left to train)
     # independent models (one per task, each with its own patch, pools and batch size)
     for task in $FIVE Task09_Spleen; do
-        $run "$PY" train_model_no_adapters.py --trainMode independent --out_tag "$TAG" --device "$DEV" --tasks "$task" \
+        $run "${train[@]}" train_model_no_adapters.py --trainMode independent --out_tag "$TAG" --device "$DEV" --tasks "$task" \
             --continue
     done
     # shared model, then adapted to Task09_Spleen (shared weights frozen; new heads and norms)
-    $run "$PY" train_model_no_adapters.py --trainMode shared --out_tag "$TAG" --device "$DEV" --tasks $FIVE --continue
-    $run "$PY" train_model_wt_adapters.py --trainMode shared --out_tag "${TAG}_adapted2spleen" --device "$DEV" \
+    $run "${train[@]}" train_model_no_adapters.py --trainMode shared --out_tag "$TAG" --device "$DEV" --tasks $FIVE --continue
+    $run "${train[@]}" train_model_wt_adapters.py --trainMode shared --out_tag "${TAG}_adapted2spleen" --device "$DEV" \
         --tasks Task09_Spleen --ckp "results/res_u2net3d_shared_${TAG}/${FIVE_DIR}/checkpoints/best.pt" --continue
     # universal model (separable adapters), then adapted to Task09_Spleen (new depthwise adapters, norms, heads)
-    $run "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --base_outChans 16 \
+    $run "${train[@]}" train_model_wt_adapters.py --trainMode universal --module separable_adapter --base_outChans 16 \
         --out_tag "$TAG" --device "$DEV" --tasks $FIVE --continue
-    $run "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --base_outChans 16 \
+    $run "${train[@]}" train_model_wt_adapters.py --trainMode universal --module separable_adapter --base_outChans 16 \
         --out_tag "${TAG}_sep_adapted2spleen" --device "$DEV" --tasks Task09_Spleen \
         --ckp "results/res_u2net3d_universal_${TAG}/${FIVE_DIR}/checkpoints/best.pt" --continue
 }
@@ -92,12 +113,14 @@ demo() {
     read -r -a extra_predict <<< "${DEMO_PREDICT_ARGS:-}"
     common+=("${extra_train[@]}")
     # the schedule (docs/training.md, "Laptop demo"): steps per task, 160 universal, 120 independent,
-    # 120 shared, 120 for the new domain
+    # 120 shared; the new domain 120 when the trained model is extended (17k parameters train), 240
+    # when adapted as the original code did (93k parameters train, the downsampling path from scratch)
     local multi=(--model_patch 32 32 32 --pools 3 3 3 --max_epoch "${DEMO_EPOCHS_MULTI:-4}"
         --steps_per_epoch "${DEMO_STEPS_MULTI:-120}")
     local shared=(--max_epoch "${DEMO_EPOCHS_SHARED:-3}")
     local indep=(--patch_size 32 32 32 --max_epoch "${DEMO_EPOCHS_INDEP:-3}" --steps_per_epoch "${DEMO_STEPS_INDEP:-40}")
     local adapt=(--max_epoch "${DEMO_EPOCHS_ADAPT:-3}" --steps_per_epoch "${DEMO_STEPS_ADAPT:-40}")
+    local adapt_original=(--max_epoch "${DEMO_EPOCHS_ADAPT:-3}" --steps_per_epoch "${DEMO_STEPS_ADAPT_ORIGINAL:-80}")
 
     stamp "generating demo tasks into $DEMO_DATA/"
     rm -rf "$DEMO_DATA"
@@ -109,12 +132,13 @@ demo() {
         > "$logs/preprocess.log"
 
     # two lanes of training processes (one thread each) keep the 2 cores busy:
-    #   lane 1: independent models -> shared model -> universal model adapted as the original code did
-    #   lane 2: universal model -> universal model extended to the new domain
+    #   lane 1: independent models -> shared model -> universal model extended to the new domain
+    #   lane 2: universal model -> universal model adapted as the original code did
     local uni="$DEMO_RES/res_u2net3d_universal_demo/${DEMO_TASKS// /_}"
     stamp "lane 1: independent models ($logs/independent.log), shared model ($logs/shared.log), then the universal" \
-        "model adapted to $DEMO_NEW as the original code did ($logs/universal_adapted_original.log)"
-    stamp "lane 2: universal model ($logs/universal.log), then extended to $DEMO_NEW ($logs/universal_adapted.log)"
+        "model extended to $DEMO_NEW ($logs/universal_adapted.log)"
+    stamp "lane 2: universal model ($logs/universal.log), then adapted to $DEMO_NEW as the original code did" \
+        "($logs/universal_adapted_original.log)"
     (
         "$PY" train_model_no_adapters.py --trainMode independent --out_tag demo --tasks $DEMO_TASKS "${common[@]}" \
             "${indep[@]}" > "$logs/independent.log" 2>&1 || { tail -20 "$logs/independent.log"; exit 1; }
@@ -124,10 +148,9 @@ demo() {
             [[ -f "$logs/universal.failed" ]] && exit 1
             sleep 2
         done
-        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted_original \
-            --adapt_scope original_code --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
-            "${adapt[@]}" > "$logs/universal_adapted_original.log" 2>&1 \
-            || { tail -20 "$logs/universal_adapted_original.log"; exit 1; }
+        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted \
+            --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" "${adapt[@]}" \
+            > "$logs/universal_adapted.log" 2>&1 || { tail -20 "$logs/universal_adapted.log"; exit 1; }
     ) &
     local lane1=$!
     (
@@ -135,9 +158,10 @@ demo() {
             --tasks $DEMO_TASKS "${common[@]}" "${multi[@]}" > "$logs/universal.log" 2>&1 \
             || { touch "$logs/universal.failed"; tail -20 "$logs/universal.log"; exit 1; }
         touch "$logs/universal.done"
-        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted \
-            --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" "${adapt[@]}" \
-            > "$logs/universal_adapted.log" 2>&1 || { tail -20 "$logs/universal_adapted.log"; exit 1; }
+        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted_original \
+            --adapt_scope original_code --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
+            "${adapt_original[@]}" > "$logs/universal_adapted_original.log" 2>&1 \
+            || { tail -20 "$logs/universal_adapted_original.log"; exit 1; }
     ) &
     local lane2=$!
     wait $lane1 || exit 1
@@ -213,8 +237,8 @@ demo() {
 
 case "${1:-}" in
     --demo) shift; demo "$@" ;;
-    --dry_run) paper echo ;;
-    "") paper "" ;;
-    -h | --help) sed -n '2,12p' "$0" ;;
-    *) echo "unknown option $1 (use --demo, --dry_run or nothing)" >&2; exit 2 ;;
+    --dry_run) shift; paper echo "$@" ;;
+    "" | --gpus) paper "" "$@" ;;
+    -h | --help) sed -n '2,18p' "$0" ;;
+    *) echo "unknown option $1 (use --demo, --dry_run, --gpus N or nothing)" >&2; exit 2 ;;
 esac

@@ -46,6 +46,9 @@ from training.step import StepOptions, train_step  # noqa: E402
 from utils.io_utils import atomic_write_json  # noqa: E402
 from utils.preprocessing import list_cases  # noqa: E402
 
+#: the configurations and the switches that may follow them (``universal_fp32+gpuaug+triton``)
+BASE_CONFIGS = ("universal_fp32", "universal_amp", "independent_fp32", "independent_amp")
+CONFIG_EXTRAS = ("composed", "gpuaug", "triton", "compile")
 #: (name, modalities, classes, task patch, pools) of the five-task preset (docs/paper_preset.md)
 PRESET_TASKS = [
     ("Task02_Heart", 1, 2, (80, 192, 128), (4, 5, 5)),
@@ -97,7 +100,12 @@ def run_config(
     warmup: int,
     workers: int,
     channels_last: bool,
+    pipeline: str = "two_step",
+    augment_on_device: bool = False,
+    depthwise_kernel: str = "native",
+    compile_backend: str | None = None,
 ) -> dict[str, Any]:
+    model.set_depthwise_kernel(depthwise_kernel)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's Module.to stubs lack memory_format
@@ -106,11 +114,22 @@ def run_config(
     opt = make_optimizer(model.parameters())
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     loss_fn = SegmentationLoss()
-    options = StepOptions(device, amp_dtype, channels_last)
+    options = StepOptions(device, amp_dtype, channels_last, compile_backend=compile_backend)
     for t in tasks:
         scan_cases(t)
     loaders = [
-        make_epoch_loader(t, i, 1, batch_size=batch, seed=1993, model_patch=model_patch, num_workers=workers)
+        make_epoch_loader(
+            t,
+            i,
+            1,
+            batch_size=batch,
+            seed=1993,
+            model_patch=model_patch,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            pipeline=pipeline,
+            augment_device=device if augment_on_device else None,
+        )
         for i, t in enumerate(tasks)
     ]
     if device.type == "cuda":
@@ -192,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         "--configs",
         nargs="+",
         default=["universal_fp32", "universal_amp", "independent_fp32"],
-        choices=["universal_fp32", "universal_amp", "independent_fp32", "independent_amp"],
-        help="which configurations to run",
+        metavar="CONFIG",
+        help="which configurations to run: universal_fp32, universal_amp, independent_fp32 or "
+        "independent_amp, each optionally followed by +composed (--augment_pipeline composed), +gpuaug "
+        "(--augment_device: images resampled on the device), +triton (Triton depthwise kernels), +compile "
+        "(torch.compile), e.g. universal_fp32+gpuaug+triton",
     )
     ap.add_argument("--channels_last", action="store_true", help="channels_last_3d on the GPU too")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -234,7 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             model_patch
         )  # the dense model at the same patch as the universal one
         for cfg in args.configs:
-            kind, prec = cfg.split("_")
+            base_cfg, *extras = cfg.split("+")
+            if base_cfg not in BASE_CONFIGS or not set(extras) <= set(CONFIG_EXTRAS):
+                ap.error(f"unknown configuration {cfg!r} (see --help)")
+            kind, prec = base_cfg.split("_")
+            if "triton" in extras and device.type != "cuda":
+                print(f"{cfg:18s} skipped (the Triton kernels need CUDA)", flush=True)
+                continue
             torch.manual_seed(1)
             if kind == "universal":
                 model = build_model(
@@ -261,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=warmup,
                 workers=args.workers,
                 channels_last=channels_last,
+                pipeline="composed" if "composed" in extras else "two_step",
+                augment_on_device="gpuaug" in extras,
+                depthwise_kernel="triton" if "triton" in extras else "native",
+                compile_backend="inductor" if "compile" in extras else None,
             )
             results.append(res)
             print(

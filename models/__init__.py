@@ -1,9 +1,10 @@
 """The 3D U²-Net and its parts. Start with :func:`build_model`.
 
 One module per building-block family (``conv_units``, ``blocks``, ``norms``, ``depthwise``,
-``fused``), the network (``unet``), the shared / per-task parameter split (``params``), parameter
+``fused``; ``triton_depthwise``: Triton kernels of the depthwise convolution, ``triton`` optional and
+imported only there), the network (``unet``), the shared / per-task parameter split (``params``), parameter
 reports (``report``, ``python -m models``), building a model from a checkpoint (``loading``),
-running it on a device (``runtime``: device, mixed precision, CPU allocator) and exporting one domain
+running it on a device (``runtime``: device, mixed precision, CPU allocator, ``torch.compile``) and exporting one domain
 as a standalone ONNX / TorchScript network (``export``, ``python -m models.export``; ``onnx`` and
 ``onnxruntime`` are optional and imported only there).
 

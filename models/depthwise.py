@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.fused import depthwise_conv3d
+from models.triton_depthwise import depthwise_conv3d_triton
+
+#: what :attr:`DepthwiseConv3d.kernel` accepts: PyTorch's kernels (with the fused CPU backward when
+#: ``use_fused``) or the Triton kernels of :mod:`models.triton_depthwise`
+DEPTHWISE_KERNELS = ("native", "triton")
 
 
 class DepthwiseConv3d(nn.Module):
@@ -28,9 +33,12 @@ class DepthwiseConv3d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
         nn.init.kaiming_normal_(self.weight)
         self.use_fused = True
+        self.kernel = "native"  # or "triton" (U2Net3D.set_depthwise_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (N, C, D, H, W). Returns: (N, C, D, H, W)."""
+        if self.kernel == "triton":
+            return depthwise_conv3d_triton(x, self.weight, self.bias)
         if self.use_fused:
             return depthwise_conv3d(x, self.weight, self.bias)
         return F.conv3d(x, self.weight, self.bias, padding=self.kernel_size // 2, groups=self.channels)

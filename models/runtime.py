@@ -9,9 +9,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import sys
-from typing import Literal
+import weakref
+from typing import Literal, cast
 
 import torch
+from torch import nn
 
 #: what ``--amp`` accepts: ``auto`` = bfloat16 where supported, else float16 (CUDA)
 AMP_MODES = ("off", "auto", "bf16", "fp16")
@@ -97,3 +99,18 @@ def keep_freed_memory_in_heap(top_pad_bytes: int = 256 * 2**20) -> bool:
     ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     ok &= mallopt(_M_TOP_PAD, int(top_pad_bytes)) == 1
     return bool(ok)
+
+
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def compiled(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``torch.compile(model, backend=backend)``, made once per model and backend and kept while the
+    model lives. The compiled wrapper shares the model's parameters; save, load and switch the model
+    itself (its ``state_dict`` has no ``_orig_mod.`` prefixes). Each task index of a multi-task model
+    is compiled on its first call (dynamo specialises on it); see docs/performance.md, "torch.compile".
+    """
+    per_backend = _COMPILED.setdefault(model, {})
+    if backend not in per_backend:
+        per_backend[backend] = cast(nn.Module, torch.compile(model, backend=backend))  # an OptimizedModule
+    return per_backend[backend]

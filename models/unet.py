@@ -19,7 +19,7 @@ from models.conv_units import (
     SeriesAdapterUnit,
     UnitParts,
 )
-from models.depthwise import DepthwiseConv3d
+from models.depthwise import DEPTHWISE_KERNELS, DepthwiseConv3d
 from models.norms import TaskModuleList
 
 TRAIN_MODES = ("independent", "shared", "universal")
@@ -223,6 +223,16 @@ class U2Net3D(nn.Module):
         for m in self.modules():
             if isinstance(m, _HasFusedOps):  # i.e. hasattr(m, "use_fused")
                 m.use_fused = enabled
+
+    def set_depthwise_kernel(self, kernel: str) -> None:
+        """Run the depthwise adapters (separable units) with PyTorch's kernels (``"native"``, default)
+        or the Triton kernels of :mod:`models.triton_depthwise` (``"triton"``; CUDA). Same function
+        (tested); models without depthwise convolutions are unaffected."""
+        if kernel not in DEPTHWISE_KERNELS:
+            raise ValueError(f"depthwise kernel must be one of {DEPTHWISE_KERNELS}, got {kernel!r}")
+        for m in self.modules():
+            if isinstance(m, DepthwiseConv3d):
+                m.kernel = kernel
 
     def add_task(self, in_channels: int, num_classes: int, init_from: int | None = None) -> int:
         """Give the model a new task: new heads, norms and adapters; nothing else changes.

@@ -8,15 +8,19 @@ resume, what to predict afterwards, progress bars).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from models.loading import build_model_from_checkpoint
 from models.runtime import keep_freed_memory_in_heap, resolve_device
 from training.config import DATA, GROUPS, HARDWARE, WHAT, TrainConfig, add_config_arguments, config_kwargs
 from training.data import TaskData, load_task_data, placeholder_task
+from training.distributed import DistContext, init_from_env
 from training.loop import Prepared, fit
 from training.setup import (
     adapt_like_original_code,
@@ -271,39 +275,97 @@ def main(
             raise ValueError("--resume_ckp continues ONE run: give the single task of that independent model")
         if args.resume_ckp and args.continue_run:
             raise ValueError("give either --resume_ckp or --continue, not both")
-        runs = prepare_runs(config, args.resume_ckp, args.resume_epoch, continue_run=args.continue_run)
-    except (ValueError, FileNotFoundError, KeyError, IndexError, RuntimeError) as e:
+        # under torchrun: join the process group (nccl on CUDA, gloo on the CPU); else one process
+        ctx = init_from_env(config.device, config.dist_timeout)
+    except (ValueError, RuntimeError) as e:
         parser.exit(2, f"{prog}: error: {e}\n")
+    try:
+        return _train_runs(parser, args, config, ctx, prog, tune_cpu_allocator)
+    finally:
+        ctx.close()
+
+
+def _run_fingerprint(prep: Prepared) -> tuple[str, int | None]:
+    """What every process of a data-parallel run must agree on: the run folder and the step resumed from."""
+    step = None if prep.resume_ckpt is None else int(prep.resume_ckpt["train_state"]["state"]["step"])
+    return str(prep.run_dir), step
+
+
+def _train_runs(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    config: TrainConfig,
+    ctx: DistContext,
+    prog: str,
+    tune_cpu_allocator: bool,
+) -> int:
+    """Prepare the runs (every process alike), train them, predict when asked. Returns the exit status."""
+    name = f"{prog} [rank {ctx.rank}]" if ctx.distributed else prog
+    runs: list[Prepared] = []
+    try:
+        runs = prepare_runs(config, args.resume_ckp, args.resume_epoch, continue_run=args.continue_run)
+        outcome: tuple[str, Any] = ("ok", [_run_fingerprint(p) for p in runs])
+    except (ValueError, FileNotFoundError, KeyError, IndexError, RuntimeError) as e:
+        outcome = ("error", str(e))
+    try:  # data-parallel: every process must have prepared the same runs (same folders, same checkpoints)
+        outcomes = ctx.all_gather_object(outcome, "the comparison of the prepared runs")
+    except RunError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    failed = [(r, o[1]) for r, o in enumerate(outcomes) if o[0] == "error"]
+    if failed:
+        lines = [f"rank {r}: {msg}" if ctx.distributed else msg for r, msg in failed]
+        # rank 0 reports every process's error; the others stop quietly
+        parser.exit(2, "".join(f"{prog}: error: {line}\n" for line in lines) if ctx.is_main else None)
+    differ = [r for r, o in enumerate(outcomes) if o != outcomes[0]]
+    if differ:
+        parser.exit(
+            2,
+            f"{name}: error: the processes prepared different runs (run folder, step resumed from): rank 0 "
+            f"{outcomes[0][1]}, rank {differ[0]} {outcomes[differ[0]][1]}. Every node must see the same "
+            "--prep_dir data and the same run folders and checkpoints: put --results_dir on a filesystem "
+            "that all nodes share\n",
+        )
     progress = not args.no_progress
-    if tune_cpu_allocator and resolve_device(config.device).type == "cpu":
+    if tune_cpu_allocator and ctx.device.type == "cpu":
         keep_freed_memory_in_heap()  # ~25 % faster CPU steps (docs/performance.md)
     status = 0
     for prep in runs:
-        print(f"[{prog}] run folder: {prep.run_dir}", file=sys.stderr)
+        if ctx.is_main:
+            print(f"[{prog}] run folder: {prep.run_dir}", file=sys.stderr)
         try:
-            fit(prep, progress=progress)
-            if args.predict:
-                failed: list[tuple[Path, str]] = []
-                written = predict_run(prep, args.predict, progress=progress, failed=failed)
-                print(
-                    f"[{prog}] wrote {len(written)} prediction(s) to {prep.run_dir / 'predictions'}",
-                    file=sys.stderr,
+            fit(prep, progress=progress, dist=ctx)
+            if args.predict:  # rank 0 segments, the others wait for it
+                done = ctx.run_on_main(
+                    functools.partial(_predict_and_report, prep, args.predict, progress, prog), "--predict"
                 )
-                if failed:  # bad test images: listed like predict.py's, the others were done
-                    print(f"[{prog}] {len(failed)} input(s) failed:", file=sys.stderr)
-                    for path, why in failed:
-                        print(f"  {path}: {why}", file=sys.stderr)
-                    status = 1
+                status = max(status, done or 0)
         except (RunError, DiskFullError) as e:  # busy folder, NaN/Inf, full disk: a message, no traceback
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            print(f"{name}: error: {e}", file=sys.stderr)
             return 1
     return status
 
 
+def _predict_and_report(prep: Prepared, what: Sequence[str], progress: bool, prog: str) -> int:
+    """``--predict`` after training: segment, print what was written and what failed. Returns the status."""
+    failed: list[tuple[Path, str]] = []
+    written = predict_run(prep, what, progress=progress, failed=failed)
+    print(f"[{prog}] wrote {len(written)} prediction(s) to {prep.run_dir / 'predictions'}", file=sys.stderr)
+    if failed:  # bad test images: listed like predict.py's, the others were done
+        print(f"[{prog}] {len(failed)} input(s) failed:", file=sys.stderr)
+        for path, why in failed:
+            print(f"  {path}: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def script_main(prog: str, modes: Sequence[str], default_mode: str, description: str) -> None:
-    """Entry point of the training scripts (their own process, so the CPU allocator may be tuned)."""
+    """Entry point of the training scripts (their own process, so the CPU allocator may be tuned).
+
+    Under torchrun, an uncaught exception is recorded for torchrun's failure summary (``record``).
+    """
     raise SystemExit(
-        main(
+        record(main)(
             None,
             prog=prog,
             modes=modes,

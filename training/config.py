@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from models.runtime import AMP_MODES
+from models.triton_depthwise import DEPTHWISE_KERNEL_MODES
 from models.unet import ADAPTER_MODULES, TRAIN_MODES
 from utils.folds import default_folds_file
 from utils.io_utils import atomic_write_json
@@ -41,6 +42,10 @@ PRESET_VAL_EVERY = {"independent": 10, "shared": 20, "universal": 20}
 ADAPT_SCOPES = ("extend", "original_code")
 #: how "fore"/"small" patch centres are drawn (training.sampling)
 CENTRE_MODES = ("original", "safe")
+#: how augmentation and the unified-patch resize interpolate (training.composed_augment)
+AUGMENT_PIPELINES = ("two_step", "composed")
+#: where augmented samples are interpolated (training.device_augment)
+AUGMENT_DEVICES = ("cpu", "cuda")
 
 
 def _opt(default: Any, help: str, group: str, *, flag: str | None = None, **argparse_kwargs: Any) -> Any:
@@ -260,6 +265,36 @@ class TrainConfig:
         HARDWARE,
         choices=SWITCH_CHOICES,
     )
+    depthwise_kernel: str = _opt(
+        "auto",
+        "kernels of the separable adapters' depthwise convolutions: 'native' (PyTorch's), 'triton' (the Triton "
+        "kernels of models/triton_depthwise.py; CUDA, needs the triton package) or 'auto' (Triton on CUDA only "
+        "where measured faster: so far native everywhere, see docs/performance.md)",
+        HARDWARE,
+        choices=DEPTHWISE_KERNEL_MODES,
+    )
+    compile: bool = _opt(
+        False,
+        "run the network through torch.compile (inductor; each task compiles on its first step); same outputs "
+        "up to float rounding (docs/performance.md)",
+        HARDWARE,
+    )
+    augment_pipeline: str = _opt(
+        "two_step",
+        "shared/universal training: 'two_step' = augment at the task patch, then resize to the model patch (the "
+        "original: two interpolations); 'composed' = the same random transforms and resize as one coordinate map, "
+        "ONE interpolation per sample (faster; docs/data_pipeline.md)",
+        METHOD,
+        choices=AUGMENT_PIPELINES,
+    )
+    augment_device: str = _opt(
+        "cpu",
+        "where augmented samples are interpolated: 'cpu' (loader processes) or 'cuda' (the loader draws the "
+        "transforms and labels; the images are resampled on the GPU in one grid_sample, trilinear: "
+        "docs/data_pipeline.md)",
+        HARDWARE,
+        choices=AUGMENT_DEVICES,
+    )
     seed: int = _opt(1993, "NumPy / data loader seed (preset 1993)", HARDWARE, type=int)
     torch_seed: int = _opt(1, "torch seed for the weight initialisation (preset 1)", HARDWARE, type=int)
     threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)", HARDWARE, type=int)
@@ -273,6 +308,15 @@ class TrainConfig:
         "TensorBoard image/label/prediction slices of a training batch every N steps (0: off)",
         HARDWARE,
         type=int,
+    )
+    dist_timeout: int = _opt(
+        1800,
+        "under torchrun: seconds a collective of the training steps waits for the other processes before the "
+        "job stops (a stuck or lost process then ends the job); waits for rank 0's validation, checkpoints and "
+        "--predict are not limited by it",
+        HARDWARE,
+        type=int,
+        metavar="SECONDS",
     )
 
     def __post_init__(self) -> None:
@@ -299,6 +343,13 @@ class TrainConfig:
         for name in ("channels_last", "fused_ops"):
             if getattr(self, name) not in SWITCH_CHOICES:
                 raise ValueError(f"{name} must be one of {SWITCH_CHOICES}, got {getattr(self, name)!r}")
+        for name, allowed in (
+            ("depthwise_kernel", DEPTHWISE_KERNEL_MODES),
+            ("augment_pipeline", AUGMENT_PIPELINES),
+            ("augment_device", AUGMENT_DEVICES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.max_epoch < 0 or self.steps_per_epoch < 1:
             raise ValueError("max_epoch must be >= 0 and steps_per_epoch >= 1")
         if self.save_every < 1:
@@ -307,6 +358,8 @@ class TrainConfig:
             raise ValueError("num_workers must be >= 0")
         if self.skip_nonfinite < 0:
             raise ValueError(f"skip_nonfinite must be >= 0, got {self.skip_nonfinite}")
+        if self.dist_timeout < 1:
+            raise ValueError(f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
         if self.val_grid not in ("original", "preprocessed"):
             raise ValueError(f"val_grid must be 'original' or 'preprocessed', got {self.val_grid!r}")
         if self.lovasz_classes not in ("all", "present"):

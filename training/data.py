@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from training.augmentation import AugmentParams
 from training.loader import TrainLoader
@@ -129,11 +130,12 @@ def scan_cases(task: TaskData) -> dict[int, CaseInfo]:
     return task.case_info
 
 
-def epoch_seed(seed: int, epoch: int, task_idx: int) -> int:
-    """Loader seed of ``task_idx`` in ``epoch``: a fixed function of the three numbers."""
-    return int(
-        np.random.SeedSequence([int(seed), int(epoch), int(task_idx)]).generate_state(1)[0] % (2**31 - 1024)
-    )
+def epoch_seed(seed: int, epoch: int, task_idx: int, rank: int = 0) -> int:
+    """Loader seed of ``task_idx`` in ``epoch``: a fixed function of the three numbers and, in a
+    data-parallel run, the process's rank (rank 0 keeps the single-process seed, so a one-process
+    run is unchanged; every other rank draws its own patches)."""
+    entropy = [int(seed), int(epoch), int(task_idx)] + ([int(rank)] if rank else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] % (2**31 - 1024))
 
 
 def make_epoch_loader(
@@ -148,11 +150,17 @@ def make_epoch_loader(
     augment: bool | AugmentParams = True,
     centre_mode: str = "original",
     pin_memory: bool = False,
+    rank: int = 0,
+    pipeline: str = "two_step",
+    augment_device: torch.device | None = None,
 ) -> TrainLoader:
-    """Batch iterator of ``task`` for ``epoch``, seeded from ``(seed, epoch, task_idx)``.
+    """Batch iterator of ``task`` for ``epoch``, seeded from ``(seed, epoch, task_idx)`` (and ``rank``,
+    the process's rank in a data-parallel run, :func:`epoch_seed`).
 
     Yields ``{"data": (B, M, *P), "seg": (B, 1, *P), ...}`` tensors with ``P = model_patch`` (resized)
     or the task patch. Close it (or use it as a context manager) when the epoch is over.
+    ``pipeline`` and ``augment_device``: :class:`training.loader.TrainLoader`'s (``--augment_pipeline``,
+    ``--augment_device``).
     """
     return TrainLoader(
         task.train_cases,
@@ -160,9 +168,11 @@ def make_epoch_loader(
         batch_size,
         model_patch=model_patch,
         num_workers=num_workers,
-        seed=epoch_seed(seed, epoch, task_idx),
+        seed=epoch_seed(seed, epoch, task_idx, rank),
         augment=augment,
         centre_mode=centre_mode,
         case_info=scan_cases(task),
         pin_memory=pin_memory,
+        pipeline=pipeline,
+        augment_device=augment_device,
     )

@@ -35,6 +35,8 @@ from training.augmentation import (
     extraction_size,
     safe_jitter,
 )
+from training.composed_augment import ComposedAugmenter
+from training.device_augment import resample_batch
 from training.sampling import CaseInfo, PatchSampler
 from utils.triples import int3
 
@@ -58,7 +60,8 @@ class _BatchStream(IterableDataset[Batch]):
             batch = sampler.next_batch()
             if self.resize is not None:
                 batch = self.resize(**batch)
-            batch["data"] = torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32))
+            if isinstance(batch["data"], np.ndarray):  # else: the GPU path's plans (tensors inside)
+                batch["data"] = torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32))
             batch["seg"] = torch.from_numpy(np.ascontiguousarray(batch["seg"], dtype=np.float32))
             yield batch
 
@@ -84,6 +87,13 @@ class TrainLoader:
         draws_per_case: samples per loaded case (2 in the preset).
         prefetch: batches queued per worker.
         pin_memory: page-lock the batches (faster host-to-GPU copies).
+        pipeline: ``"two_step"`` (the preset: augment at the task patch, then resize) or
+            ``"composed"`` (one interpolation per sample at the model patch,
+            :class:`training.composed_augment.ComposedAugmenter`).
+        augment_device: resample the images on this device (``--augment_device cuda``,
+            :mod:`training.device_augment`): the workers draw the transforms and make the labels, and
+            this loader's ``next`` resamples the images there (``"data"`` is then on that device).
+            None: everything in the workers (CPU).
     """
 
     def __init__(
@@ -102,6 +112,8 @@ class TrainLoader:
         draws_per_case: int = 2,
         prefetch: int = 2,
         pin_memory: bool = False,
+        pipeline: str = "two_step",
+        augment_device: torch.device | None = None,
     ) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -111,14 +123,29 @@ class TrainLoader:
             aug = augment
         else:
             aug = AugmentParams() if augment else None
+        if pipeline not in ("two_step", "composed"):
+            raise ValueError(f"pipeline must be 'two_step' or 'composed', got {pipeline!r}")
         small = plans.get("small_label")
+        out = int3(model_patch) if model_patch is not None else patch
+        augmenter: Any = SampleAugmenter(patch, aug) if aug is not None else None
+        finish: Any = None
+        if augment_device is not None or pipeline == "composed":
+            composed = ComposedAugmenter(patch, out, aug or AugmentParams())
+            if augment_device is not None:
+                augmenter = composed.plan if aug is not None else None
+                finish = composed.plan_resize
+            else:
+                augmenter = composed if aug is not None else None
+                finish = composed.resize
         sampler_kwargs = dict(
             cases=[str(c) for c in cases],
             patch_size=patch,
             batch_size=batch_size,
             small_label=int(small) if small is not None else None,
             extraction=extraction_size(patch, aug if context else None),
-            augmenter=SampleAugmenter(patch, aug) if aug is not None else None,
+            augmenter=augmenter,
+            output_size=out if finish is not None else patch,
+            finish=finish,
             centre_mode=centre_mode,
             jitter=safe_jitter(patch, aug),
             draws_per_case=draws_per_case,
@@ -127,11 +154,12 @@ class TrainLoader:
         )
         resize = (
             UnifiedPatchResize(model_patch)
-            if model_patch is not None and int3(model_patch) != patch
+            if model_patch is not None and int3(model_patch) != patch and finish is None
             else None
         )
         stream = _BatchStream(sampler_kwargs, resize)
         self.num_workers = num_workers
+        self.augment_device = augment_device
         self._iterator: Iterator[Batch] | None
         if num_workers == 0:
             self._iterator = iter(stream)
@@ -151,7 +179,10 @@ class TrainLoader:
     def __next__(self) -> Batch:
         if self._iterator is None:
             raise RuntimeError("this TrainLoader is closed")
-        return next(self._iterator)
+        batch = next(self._iterator)
+        if self.augment_device is not None:
+            batch["data"] = resample_batch(batch["data"], self.augment_device)
+        return batch
 
     def close(self) -> None:
         """Stop the worker processes (idempotent). Dropping the DataLoader's iterator, its only

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -17,16 +18,19 @@ from tqdm import tqdm
 from inference.settings import InferenceSettings
 from models.report import format_parameter_report, parameter_report
 from models.runtime import amp_dtype, resolve_device
+from models.triton_depthwise import resolve_depthwise_kernel
 from training.augmentation import AugmentParams
 from training.config import PRESET_SHARED_BATCH, TrainConfig
 from training.data import TaskData, make_epoch_loader, scan_cases
+from training.distributed import DistContext, GlobalBatchLoss, GradientSync
 from training.losses import SegmentationLoss
 from training.optim import PlateauHalving, make_optimizer, set_lr
-from training.run_log import RunLog
+from training.run_log import RunLog, SilentLog
 from training.setup import ModelSetup
 from training.state import (
     LATEST,
     NonFiniteLossError,
+    RunLock,
     TrainState,
     last_good_checkpoint,
     lock_run_folder,
@@ -48,6 +52,8 @@ EXACT_RESUME_KEYS = (
     "augment",
     "mirror_flip_p",
     "centre_mode",
+    "augment_pipeline",
+    "augment_device",
 )
 
 
@@ -80,6 +86,17 @@ def configure_torch(config: TrainConfig, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def _world_size_warnings(train_state: dict[str, Any], world_size: int) -> list[str]:
+    """A resume with another number of processes than the checkpoint's run draws other batches."""
+    old = int(train_state.get("world_size", 1))
+    if old == world_size:
+        return []
+    return [
+        f"the checkpoint was written by a run of {old} process(es), this one has {world_size}: the global "
+        "batch and the batches differ from the interrupted run (an exact continuation needs the same number)"
+    ]
+
+
 def _resume_warnings(old: dict[str, Any], new: TrainConfig) -> list[str]:
     out = []
     for k in EXACT_RESUME_KEYS:
@@ -96,6 +113,7 @@ def fit(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     log: RunLog | None = None,
+    dist: DistContext | None = None,
 ) -> TrainState:
     """Train (or continue training) one model until ``max_epoch`` or until the LR runs out.
 
@@ -105,19 +123,27 @@ def fit(
         on_step: called as ``on_step(global_step, loss)`` after every step (tests use it to
             simulate a crash).
         log: an open :class:`RunLog` (default: one for ``prep.run_dir``, closed at the end).
+        dist: this process's place in a data-parallel run (:func:`training.distributed.init_from_env`;
+            default: a single process on ``config.device``). Every process of the run calls ``fit``;
+            rank 0 alone writes the run folder (lock, log, TensorBoard, CSVs, checkpoints) and validates.
     Returns:
         the final :class:`TrainState` (also stored in ``checkpoints/latest.pt``).
     """
     config, setup, run_dir = prep.config, prep.setup, prep.run_dir
-    device = resolve_device(config.device)
+    ctx = dist if dist is not None else DistContext(device=resolve_device(config.device))
+    device = ctx.device
     configure_torch(config, device)
     model = setup.model
     dtype = amp_dtype(config.amp, device)
     channels_last = config.uses_channels_last(device.type)
     model.set_fused_ops(config.uses_fused_ops(device.type))
+    model.set_depthwise_kernel(resolve_depthwise_kernel(config.depthwise_kernel, device))
+    if config.augment_device == "cuda" and device.type != "cuda":
+        raise ValueError(f"--augment_device cuda needs a CUDA training device, not {device}")
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's Module.to stubs lack memory_format
+    ctx.broadcast_parameters(model)  # data-parallel: every process starts from rank 0's weights
     optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     lr_rule = PlateauHalving(
@@ -149,42 +175,62 @@ def fit(
         lr_rule.load_state_dict(state.lr_rule)
         set_lr(optimizer, lr_rule.lr)
     own_log = log is None
-    lock = lock_run_folder(run_dir)  # a second live run into this folder is refused here
-    remove_stale_temporaries(run_dir, recursive=True)  # left by a run killed while writing a file
-    if log is None:
+
+    def open_run() -> tuple[RunLock, RunLog]:
+        """Rank 0: lock the run folder and open the log (the other processes write nothing)."""
+        lock = lock_run_folder(run_dir)  # a second live run into this folder is refused here
+        run_log = log
         try:
-            # TensorBoard drops what an interrupted attempt logged after the checkpoint we start from
-            # (everything, for a fresh run into the folder of an attempt that died before its first one)
-            log = RunLog(run_dir, purge_step=state.step + 1)
+            remove_stale_temporaries(run_dir, recursive=True)  # left by a run killed while writing a file
+            if run_log is None:
+                # TensorBoard drops what an interrupted attempt logged after the checkpoint we start from
+                # (everything, for a fresh run into the folder of an attempt that died before its first one)
+                run_log = RunLog(run_dir, purge_step=state.step + 1)
+            run_log.truncate_val_csv(state.epoch)  # the same for the validation CSV
+            if resume is not None:
+                run_log.info(f"resumed after epoch {state.epoch} (step {state.step}, lr {lr_rule.lr:.3g})")
+                warnings = _resume_warnings(resume["train_state"].get("config") or {}, config)
+                for w in warnings + _world_size_warnings(resume["train_state"], ctx.world_size):
+                    run_log.info(f"WARNING: {w}")
+            config.save(run_dir / "config.json")
+            report = parameter_report(model, setup.task_names, setup.new_task)
+            atomic_write_json(run_dir / "params.json", report)
+            run_log.info(format_parameter_report(report))
         except BaseException:
+            if own_log and run_log is not None:
+                run_log.close()
             lock.release()
             raise
+        return lock, run_log
+
+    opened = ctx.run_on_main(open_run, "opening the run folder")
+    lock, run_log = opened if opened is not None else (None, SilentLog(run_dir))
     try:
-        log.truncate_val_csv(state.epoch)  # the same for the validation CSV
         if resume is not None:
-            log.info(f"resumed after epoch {state.epoch} (step {state.step}, lr {lr_rule.lr:.3g})")
-            for w in _resume_warnings(resume["train_state"].get("config") or {}, config):
-                log.info(f"WARNING: {w}")
             restore_rng_state(resume["train_state"]["rng"])
-        config.save(run_dir / "config.json")
-        report = parameter_report(model, setup.task_names, setup.new_task)
-        atomic_write_json(run_dir / "params.json", report)
-        log.info(format_parameter_report(report))
         return _epochs(
             prep,
             optimizer,
             scaler,
             lr_rule,
             state,
-            log,
-            StepOptions(device, dtype, channels_last, grad_to_none=config.grad_none),
+            run_log,
+            StepOptions(
+                device,
+                dtype,
+                channels_last,
+                grad_to_none=config.grad_none,
+                compile_backend="inductor" if config.compile else None,
+            ),
             progress,
             on_step,
+            ctx,
         )
     finally:
         if own_log:
-            log.close()
-        lock.release()
+            run_log.close()
+        if lock is not None:
+            lock.release()
 
 
 def _epochs(
@@ -197,6 +243,7 @@ def _epochs(
     options: StepOptions,
     progress: bool,
     on_step: Callable[[int, float], None] | None,
+    ctx: DistContext,
 ) -> TrainState:
     config, tasks, setup = prep.config, prep.tasks, prep.setup
     model, device = setup.model, options.device
@@ -206,9 +253,14 @@ def _epochs(
         why = "the learning rate ran out" if lr_rule.should_stop else f"max_epoch {config.max_epoch}"
         log.info(f"nothing to train: {state.epoch} epochs done ({why})")
         return state
-    loss_fn = SegmentationLoss(
+    segmentation_loss = SegmentationLoss(
         classes=config.lovasz_classes, detach_focal_factor=not config.focal_factor_grad
     )
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = segmentation_loss
+    sync: GradientSync | None = None
+    if ctx.distributed:  # each process's share of the global batch's loss; gradients summed over them
+        loss_fn = GlobalBatchLoss(segmentation_loss, ctx)
+        sync = GradientSync(ctx, model, trained)
     infer = run_inference_settings(config, device)
     for t in trained:
         scan_cases(tasks[t])
@@ -218,6 +270,12 @@ def _epochs(
         f"batch {[batch_size_for(config, tasks[t]) for t in trained]}, model patch {setup.model_patch}, "
         f"task patches {[list(tasks[t].patch_size) for t in trained]})"
     )
+    if ctx.distributed:
+        log.info(
+            f"data parallel: {ctx.world_size} processes ({ctx.backend}), batch per process "
+            f"{[batch_size_for(config, tasks[t]) for t in trained]}, global batch "
+            f"{[batch_size_for(config, tasks[t]) * ctx.world_size for t in trained]}"
+        )
     model.train()
     for epoch in range(state.epoch + 1, config.max_epoch + 1):
         t0 = time.perf_counter()
@@ -233,6 +291,9 @@ def _epochs(
                 augment=AugmentParams(p_mirror_flip=config.mirror_flip_p) if config.augment else False,
                 centre_mode=config.centre_mode,
                 pin_memory=device.type == "cuda",
+                rank=ctx.rank,
+                pipeline=config.augment_pipeline,
+                augment_device=device if config.augment_device == "cuda" else None,
             )
             for t in trained
         }
@@ -243,7 +304,7 @@ def _epochs(
         bar = tqdm(
             total=config.steps_per_epoch,
             desc=f"{config.mode} epoch {epoch}/{config.max_epoch}",
-            disable=not progress,
+            disable=not (progress and ctx.is_main),
             leave=False,
             dynamic_ncols=True,
         )
@@ -256,7 +317,7 @@ def _epochs(
                 wait += time.perf_counter() - tw
                 redrawn += int(batch.get("aug_retries", 0))
                 plain_crops += int(batch.get("aug_fallbacks", 0))
-                want_img = config.log_images_every > 0 and step % config.log_images_every == 0
+                want_img = ctx.is_main and config.log_images_every > 0 and step % config.log_images_every == 0
                 try:
                     res = train_step(
                         model,
@@ -268,6 +329,7 @@ def _epochs(
                         options,
                         scaler=scaler,
                         keep_logits=want_img,
+                        sync=sync,
                     )
                 except FloatingPointError as e:  # NaN/Inf loss: the step was not applied
                     _skip_nonfinite_step(prep, state, log, epoch, step, names[t], e)  # raises past the budget
@@ -284,7 +346,7 @@ def _epochs(
                     z = res.logits.shape[2] // 2
                     log.slices(
                         f"train/{names[t]}",
-                        batch["data"][0, 0, z].numpy(),
+                        batch["data"][0, 0, z].cpu().numpy(),
                         batch["seg"][0, 0, z].numpy(),
                         res.logits[0, :, z].argmax(0).cpu().numpy(),
                         tasks[t].num_classes,
@@ -298,6 +360,13 @@ def _epochs(
             bar.close()
             for ld in loaders.values():
                 ld.close()
+        if ctx.distributed:  # the log reports the whole job: redraws summed, data wait averaged
+            totals = ctx.all_reduce_sum(
+                torch.tensor([redrawn, plain_crops, wait], dtype=torch.float64, device=device),
+                "the epoch's counters",
+            )
+            redrawn, plain_crops = int(totals[0]), int(totals[1])
+            wait = float(totals[2]) / ctx.world_size
         n = sum(counts.values())
         epoch_loss = sum(sums.values()) / max(n, 1)
         per_task = {names[t]: sums[t] / counts[t] for t in trained if counts[t]}
@@ -323,31 +392,56 @@ def _epochs(
         )
         stop = lr_rule.should_stop
         last = stop or epoch == config.max_epoch
-        best = False
-        if config.should_validate(epoch) or last:
-            best = _validate_and_log(prep, infer, state, log, epoch)
-        state.finished = last
-        # events up to this step reach the disk before the checkpoint that a resume starts from
-        # (a resume purges the later ones), so a kill can lose no step
-        log.flush()
-        save_training_checkpoint(
-            prep.run_dir / "checkpoints",
-            model=model,
-            tasks=setup.checkpoint_tasks(),
-            model_patch=setup.model_patch,
-            state=state,
-            optimizer=optimizer,
-            scaler=scaler,
-            config=config.to_dict(),
-            trained_tasks=trained,
-            new_task=setup.new_task,
-            numbered=config.should_save_numbered(epoch) or last,
-            best=best,
+
+        # rank 0 only; the others wait for it without a time limit that a validation could reach
+        ctx.run_on_main(
+            functools.partial(
+                _validate_and_save, prep, infer, state, log, optimizer, scaler, epoch, last, ctx.world_size
+            ),
+            f"the validation and checkpoint after epoch {epoch}",
         )
+        state.finished = last
         if stop:
             log.info(f"learning rate {new_lr:.3g} < {config.lr_stop:g}: training stops after epoch {epoch}")
             break
     return state
+
+
+def _validate_and_save(
+    prep: Prepared,
+    infer: InferenceSettings,
+    state: TrainState,
+    log: RunLog,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    epoch: int,
+    last: bool,
+    world_size: int,
+) -> None:
+    """The end of an epoch: validation when due, then the checkpoint (rank 0 of a data-parallel run)."""
+    config, setup = prep.config, prep.setup
+    best = False
+    if config.should_validate(epoch) or last:
+        best = _validate_and_log(prep, infer, state, log, epoch)
+    state.finished = last
+    # events up to this step reach the disk before the checkpoint that a resume starts from
+    # (a resume purges the later ones), so a kill can lose no step
+    log.flush()
+    save_training_checkpoint(
+        prep.run_dir / "checkpoints",
+        model=setup.model,
+        tasks=setup.checkpoint_tasks(),
+        model_patch=setup.model_patch,
+        state=state,
+        optimizer=optimizer,
+        scaler=scaler,
+        config=config.to_dict(),
+        trained_tasks=setup.trained_tasks,
+        new_task=setup.new_task,
+        numbered=config.should_save_numbered(epoch) or last,
+        best=best,
+        world_size=world_size,
+    )
 
 
 def _skip_nonfinite_step(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 #: what ``classes`` of the Lovász-softmax accepts: every class (the preset) or those present
 LOVASZ_CLASSES = ("all", "present")
@@ -74,28 +75,44 @@ def lovasz_softmax_flat(probas: torch.Tensor, labels: torch.Tensor, classes: str
     Returns:
         Scalar tensor.
     """
+    return _lovasz_class_rows(probas.t(), labels, classes)
+
+
+def _lovasz_class_rows(probas: torch.Tensor, labels: torch.Tensor, classes: str) -> torch.Tensor:
+    """:func:`lovasz_softmax_flat` on class rows: ``probas (C, P)``, ``labels (P,)``.
+
+    Laid out for the GPU (``docs/performance.md``, "The loss"): every class's errors are one contiguous
+    row, sorted along the last axis, and the running counts of ground-truth voxels come from ONE
+    cumulative sum over the flattened ``(C * P,)`` integer vector — a 1-D scan, which CUDA runs as a
+    parallel device-wide scan, where a scan along the voxel axis of a ``(P, C)`` tensor runs as C
+    sequential GPU threads of P steps each. The counts are exact integers; no ``one_hot`` (whose
+    range checks synchronise with the GPU).
+    """
     if probas.numel() == 0:
         return probas.sum() * 0.0
-    num_classes = probas.shape[1]
-    fg = F.one_hot(labels, num_classes).to(probas.dtype)  # (P, C)
-    errors = (fg - probas).abs()
-    errors_sorted, order = torch.sort(errors, dim=0, descending=True)  # all classes at once
+    if classes not in LOVASZ_CLASSES:
+        raise ValueError(f"classes must be 'present' or 'all', got {classes!r}")
+    num_classes, num_voxels = probas.shape
+    fg = labels.unsqueeze(0) == torch.arange(num_classes, device=labels.device).unsqueeze(1)  # (C, P)
+    errors = (fg.to(probas.dtype) - probas).abs()
+    errors_sorted, order = torch.sort(errors, dim=1, descending=True)  # all classes at once
     with torch.no_grad():
-        fg_sorted = torch.gather(fg, 0, order)
-        n_fg = fg_sorted.sum(dim=0, keepdim=True)  # |G| per class, (1, C)
-        # after k voxels taken (k = 1..P): true positives left = |G| - fg in the first k,
-        # union = |G| + background voxels in the first k
-        tp_left = n_fg - torch.cumsum(fg_sorted, dim=0)
-        union = n_fg + torch.cumsum(1.0 - fg_sorted, dim=0)
-        jaccard = 1.0 - tp_left / union  # J(k), (P, C); union >= 1 from k = 1 on
-        grad = torch.diff(jaccard, dim=0, prepend=torch.zeros_like(jaccard[:1]))
-    per_class = (errors_sorted * grad).sum(dim=0)  # (C,)
+        fg_sorted = torch.gather(fg, 1, order)
+        running = torch.cumsum(fg_sorted.reshape(-1), 0, dtype=torch.int64).view(num_classes, num_voxels)
+        totals = running[:, -1]
+        before = torch.cat([totals.new_zeros(1), totals[:-1]])  # ground truth of the earlier classes
+        tp_taken = running - before.unsqueeze(1)  # ground-truth voxels among the first k (k = 1..P)
+        n_fg = tp_taken[:, -1:]  # |G| per class, (C, 1)
+        taken = torch.arange(1, num_voxels + 1, device=probas.device)
+        # after k voxels taken: true positives left = |G| - tp_taken, union = |G| + (k - tp_taken)
+        tp_left = (n_fg - tp_taken).to(probas.dtype)
+        union = (n_fg + taken - tp_taken).to(probas.dtype)
+        jaccard = 1.0 - tp_left / union  # J(k), (C, P); union >= 1 from k = 1 on
+        grad = torch.diff(jaccard, dim=1, prepend=torch.zeros_like(jaccard[:, :1]))
+    per_class = (errors_sorted * grad).sum(dim=1)  # (C,)
     if classes == "present":
-        present = n_fg[0] > 0
-        return per_class[present].mean()
-    if classes == "all":
-        return per_class.mean()
-    raise ValueError(f"classes must be 'present' or 'all', got {classes!r}")
+        return per_class[n_fg[:, 0] > 0].mean()
+    return per_class.mean()
 
 
 def lovasz_softmax(probas: torch.Tensor, target: torch.Tensor, classes: str = "all") -> torch.Tensor:
@@ -104,7 +121,10 @@ def lovasz_softmax(probas: torch.Tensor, target: torch.Tensor, classes: str = "a
     Flattened over the batch (``per_image=False``); see :func:`lovasz_softmax_flat`.
     """
     labels = _target_to_long(target, probas).reshape(-1)
-    return lovasz_softmax_flat(flatten_logits(probas), labels, classes=classes)
+    num_classes = probas.shape[1]
+    # (C, N * voxels): the voxel order of flatten_logits, one row per class
+    rows = probas.transpose(0, 1).reshape(num_classes, -1)
+    return _lovasz_class_rows(rows, labels, classes)
 
 
 def focal_loss(
@@ -161,13 +181,16 @@ class SegmentationLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         loss = logits.new_zeros(())
+        # named ranges for torch.profiler (benchmarks/profile_train_step.py); free when not profiling
         if self.lovasz_weight:
-            loss = loss + self.lovasz_weight * lovasz_softmax(
-                torch.softmax(logits, dim=1), target, classes=self.classes
-            )
+            with record_function("loss/lovasz"):
+                loss = loss + self.lovasz_weight * lovasz_softmax(
+                    torch.softmax(logits, dim=1), target, classes=self.classes
+                )
         if self.focal_weight:
-            focal = focal_loss(logits, target, gamma=self.gamma, detach_factor=self.detach_focal_factor)
-            loss = loss + self.focal_weight * focal
+            with record_function("loss/focal"):
+                focal = focal_loss(logits, target, gamma=self.gamma, detach_factor=self.detach_focal_factor)
+                loss = loss + self.focal_weight * focal
         return loss
 
     def extra_repr(self) -> str:

@@ -113,3 +113,43 @@ class RunLog:
             return []
         with open(self.val_csv, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
+
+
+class SilentLog(RunLog):
+    """The log of a data-parallel run's other processes: it writes nothing, anywhere (rank 0 writes
+    the run's text log, TensorBoard events and CSVs)."""
+
+    def __init__(self, run_dir: Path) -> None:  # creates no folder, file, logger or writer
+        self.run_dir = Path(run_dir)
+        self.console = False
+        self.writer = None
+        self.val_csv = self.run_dir / "val_dice.csv"
+
+    def info(self, msg: str) -> None:
+        pass
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        pass
+
+    def slices(
+        self,
+        tag: str,
+        image: np.ndarray,
+        label: np.ndarray,
+        pred: np.ndarray | None,
+        num_classes: int,
+        step: int,
+    ) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def truncate_val_csv(self, after_epoch: int) -> None:
+        pass
+
+    def append_val_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        pass

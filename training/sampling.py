@@ -183,6 +183,15 @@ class PatchSampler:
         case_info: precomputed :class:`CaseInfo` per case index (e.g. shared by every epoch's
             sampler); cases missing from it are scanned on first use.
         max_points: size of the cached structure-voxel subsets per case.
+        output_size: size of the samples the augmenter returns (default ``patch_size``); the
+            composed pipeline's augmenter returns the model patch
+            (:class:`training.composed_augment.ComposedAugmenter`), and then the acceptance test of
+            "fore"/"small" patches sees the model-patch sample.
+        finish: applied to plain crops (no augmenter, or after ``max_tries``) so that they match the
+            augmenter's output (the composed pipeline's resize); None: kept as cut. An augmenter or
+            ``finish`` may return, instead of the data array, an object with an ``any()`` method
+            (the GPU path's :class:`training.composed_augment.DevicePlan`); ``"data"`` is then the
+            list of those objects.
     """
 
     def __init__(
@@ -204,6 +213,8 @@ class PatchSampler:
         worker_id: int = 0,
         case_info: Mapping[int, CaseInfo] | None = None,
         max_points: int = 2048,
+        output_size: Sequence[int] | None = None,
+        finish: Callable[[np.ndarray, np.ndarray], tuple[Any, np.ndarray]] | None = None,
     ) -> None:
         case_paths = [str(c) for c in cases]
         if not case_paths:
@@ -230,6 +241,8 @@ class PatchSampler:
         self.p_fore = p_fore
         self.seed = int(seed)
         self.max_points = max_points
+        self.output_size = int3(output_size or patch_size)
+        self.finish = finish
         first = np.load(case_paths[0] + "_image.npy", mmap_mode="r")
         if first.ndim != 4:
             raise ValueError(f"{case_paths[0]}_image.npy must be (M, z, y, x), got shape {first.shape}")
@@ -363,10 +376,10 @@ class PatchSampler:
         seg = extract_patch(self._label, start, size, out=np.zeros((1, *size), np.float32)[0])
         return data, seg[None]
 
-    def _sample(self, kind: str, info: CaseInfo) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    def _sample(self, kind: str, info: CaseInfo) -> tuple[Any, np.ndarray, int, bool]:
         """One patch of ``kind``: (data (M, *patch), seg (1, *patch), redraws, fell back to a plain crop)."""
         if self.augmenter is None:
-            data, seg = self._cut(self._centre(kind, info), self.patch_size)
+            data, seg = self._plain(self._centre(kind, info))
             return data, seg, 0, False
         tries = self.max_tries if self.centre_mode == "original" else 1
         for attempt in range(tries):
@@ -374,12 +387,16 @@ class PatchSampler:
             data, seg = self.augmenter(data, seg)
             if self.centre_mode != "original" or self._holds(kind, data, seg):
                 return data, seg, attempt, False
-        data, seg = self._cut(self._centre(kind, info), self.patch_size)
+        data, seg = self._plain(self._centre(kind, info))
         return data, seg, tries, True
 
+    def _plain(self, centre: np.ndarray) -> tuple[Any, np.ndarray]:
+        data, seg = self._cut(centre, self.patch_size)
+        return self.finish(data, seg) if self.finish is not None else (data, seg)
+
     def next_batch(self) -> dict[str, Any]:
-        b_size, patch = self.batch_size, self.patch_size
-        data = np.zeros((b_size, self.num_modalities, *patch), dtype=np.float32)
+        b_size, patch = self.batch_size, self.output_size
+        samples: list[Any] = []
         seg = np.zeros((b_size, 1, *patch), dtype=np.float32)
         kinds: list[str] = []
         case_ids: list[str] = []
@@ -391,13 +408,15 @@ class PatchSampler:
                 idx, _ = self._next_draw(require_fg=b < n_fg)
                 info = self.case_info(idx)
                 kind = self._choose_kind(u, b < n_fg, info)
-                data[b], seg[b], redraws, fell_back = self._sample(kind, info)
+                sample, seg[b], redraws, fell_back = self._sample(kind, info)
+                samples.append(sample)
                 retries += redraws
                 fallbacks += int(fell_back)
                 kinds.append(kind)
                 case_ids.append(case_id_of(self.cases[idx]))
+        arrays = all(isinstance(x, np.ndarray) for x in samples)
         return {
-            "data": data,
+            "data": np.stack(samples).astype(np.float32, copy=False) if arrays else samples,
             "seg": seg,
             "kinds": kinds,
             "case_ids": case_ids,

@@ -1,4 +1,4 @@
-"""Model building per training mode, new-domain adaptation and the parameter report."""
+"""Model building per training mode, and new-domain adaptation (extending the model, or as the original code did)."""
 
 from __future__ import annotations
 

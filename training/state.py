@@ -6,7 +6,8 @@ with ``train_state`` holding everything needed to continue exactly::
     {"state": TrainState as plain dict, "optimizer": optimizer.state_dict(), "scaler": ... or None,
      "rng": utils.checkpoint.rng_state_to_plain(), "config": TrainConfig.to_dict(),
      "trained_tasks": [task indices], "new_task": index or None,
-     "frozen_parameters": [names of the parameters that do not train]}
+     "frozen_parameters": [names of the parameters that do not train],
+     "world_size": processes of the run (1 without torchrun)}
 
 Files in ``<run>/checkpoints/``: ``latest.pt`` (after every epoch), ``epoch_XXXX.pt`` (every
 ``save_every`` epochs and at the end) and ``best.pt`` (best mean validation Dice). Every file is
@@ -115,8 +116,12 @@ def save_training_checkpoint(
     new_task: int | None,
     numbered: bool,
     best: bool,
+    world_size: int = 1,
 ) -> Path:
     """Write ``latest.pt`` (and the numbered / best files when asked). Returns the latest path.
+
+    ``world_size``: processes of a data-parallel run (kept in ``train_state``: a resume with another
+    number draws other batches).
 
     The checkpoint is serialised once, into the first of ``epoch_XXXX.pt``, ``best.pt``,
     ``latest.pt`` that is due; the others become links to it, ``latest.pt`` last.
@@ -136,6 +141,7 @@ def save_training_checkpoint(
         "trained_tasks": list(trained_tasks),
         "new_task": new_task,
         "frozen_parameters": [n for n, p in model.named_parameters() if not p.requires_grad],
+        "world_size": int(world_size),
     }
     latest = ckpt_dir / LATEST
     names = [numbered_name(state.epoch)] if numbered else []

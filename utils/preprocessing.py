@@ -23,6 +23,7 @@ sidecar of ``docs/formats.md`` atomically, sidecar last.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +32,6 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
-from skimage.transform import resize as skimage_resize
 
 from utils.decathlon import (
     DataError,
@@ -62,6 +62,8 @@ __all__ = [
     "nearest_indices",
     "resample_volume",
     "resize_image",
+    "resize_matrix",
+    "separable_resize",
     "resize_nearest",
     "save_case",
     "weight_map",
@@ -216,19 +218,72 @@ def resize_image(image: np.ndarray, shape: Sequence[int], order: int = 3) -> np.
     anti-aliasing (the original's scikit-image 0.14 default). Training's unified-patch resize and
     inference's whole-volume scaling both use it.
 
+    Computed axis by axis (:func:`resize_matrix`): skimage's resize is ``scipy.ndimage.zoom`` of a
+    tensor-product B-spline, a linear map that factorises over the axes, so three float64 matrix
+    products give the same values (equal to skimage's float32 output; tested) 20-60x faster than
+    its per-voxel 64-tap evaluation (docs/data_pipeline.md). Then the same clip as skimage's.
+
     Returns:
         float32 (M, *shape).
     """
     if image.ndim != 4:
         raise ValueError(f"expected an (M, z, y, x) image, got shape {image.shape}")
     out_shape = tuple(int(s) for s in shape)
+    if len(out_shape) != 3 or min(out_shape) < 1:
+        raise ValueError(f"expected a positive (z, y, x) shape, got {shape}")
     out = np.empty((image.shape[0], *out_shape), dtype=np.float32)
     for m in range(image.shape[0]):
-        out[m] = skimage_resize(
-            np.asarray(image[m], dtype=np.float32), out_shape, order=order, mode="constant", cval=0.0,
-            clip=True, anti_aliasing=False, preserve_range=True,
-        )  # fmt: skip
+        volume = np.asarray(image[m], dtype=np.float32)
+        resized = separable_resize(volume.astype(np.float64), out_shape, order)
+        out[m] = _clip_like_skimage(volume, resized)
     return out
+
+
+@functools.lru_cache(maxsize=128)
+def resize_matrix(in_size: int, out_size: int, order: int = 3) -> np.ndarray:
+    """The 1-D map of skimage's resize along one axis, ``(out_size, in_size)`` float64 (read-only).
+
+    Column ``j`` is ``scipy.ndimage.zoom`` of the unit vector ``e_j`` with skimage's arguments (spline
+    ``order``, ``grid-constant`` border with 0, ``grid_mode=True``: voxel centres aligned), so the
+    matrix is that zoom exactly, border handling included. Row sums below 1 are the border voxels
+    that the zero padding darkens.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
+    eye = np.eye(in_size)
+    cols = [
+        ndimage.zoom(eye[j], out_size / in_size, order=order, mode="grid-constant", cval=0.0, grid_mode=True)
+        for j in range(in_size)
+    ]
+    matrix = np.stack(cols, axis=1)
+    if matrix.shape != (out_size, in_size):  # zoom's output length is round(in * factor)
+        raise AssertionError(f"zoom gave {matrix.shape[0]} samples for {in_size} -> {out_size}")
+    matrix.setflags(write=False)
+    return matrix
+
+
+def separable_resize(volume: np.ndarray, shape: Sequence[int], order: int = 3) -> np.ndarray:
+    """skimage's resize (zoom, no clip) of a 3D volume by :func:`resize_matrix` along each axis
+    whose size changes; computed in the volume's float dtype."""
+    a = volume
+    (z, y, x), (qz, qy, qx) = a.shape, (int(v) for v in shape)
+    dtype = a.dtype
+    if qz != z:
+        a = (resize_matrix(z, qz, order).astype(dtype, copy=False) @ a.reshape(z, -1)).reshape(qz, y, x)
+    if qy != y:
+        a = np.matmul(resize_matrix(y, qy, order).astype(dtype, copy=False), a)
+    if qx != x:
+        a = a @ resize_matrix(x, qx, order).T.astype(dtype, copy=False)
+    return a if a is not volume else a.copy()
+
+
+def _clip_like_skimage(source: np.ndarray, resized: np.ndarray) -> np.ndarray:
+    """skimage's ``clip=True`` with a constant-0 border: clip to the source's range, widened to 0 when
+    0 lies outside it but inside the resized values' range."""
+    lo, hi = float(source.min()), float(source.max())
+    if not lo <= 0.0 <= hi and float(resized.min()) <= 0.0 <= float(resized.max()):
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+    return np.clip(resized, lo, hi)
 
 
 def clip_ct(volume: np.ndarray, minimum: float = -1024.0) -> np.ndarray:
