@@ -65,8 +65,13 @@ def worker(args: argparse.Namespace) -> None:
     ctx = init_from_env(args.device, timeout_s=600)
     device = ctx.device
     torch.manual_seed(1)
-    model = build_model("universal", [m for m, _ in TASKS], [c for _, c in TASKS], base_channels=args.base,
-                        pools_per_axis=(args.pools,) * 3)  # fmt: skip
+    model = build_model(
+        "universal",
+        [m for m, _ in TASKS],
+        [c for _, c in TASKS],
+        base_channels=args.base,
+        pools_per_axis=(args.pools,) * 3,
+    )
     channels_last = device.type == "cpu"
     model.set_fused_ops(device.type == "cpu")
     model.to(device)
@@ -165,16 +170,41 @@ def loss_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
 def launch(args: argparse.Namespace, config: str, procs: int, out: Path) -> dict[str, Any]:
     """Run one configuration in fresh processes; returns its figures."""
     common = [
-        "--worker", "--config", config, "--out", str(out), "--device", args.device, "--threads", str(args.threads),
-        "--base", str(args.base), "--patch", str(args.patch), "--pools", str(args.pools), "--batch",
-        str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-    ]  # fmt: skip
+        "--worker",
+        "--config",
+        config,
+        "--out",
+        str(out),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--base",
+        str(args.base),
+        "--patch",
+        str(args.patch),
+        "--pools",
+        str(args.pools),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     script = str(Path(__file__).resolve())
     if config == "plain":
         cmd = [sys.executable, script, *common]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-               script, *common]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            script,
+            *common,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if res.returncode != 0:

@@ -107,8 +107,14 @@ def bench_model(
     if mode == "independent":
         model = build_model(mode, [1], [2], base_channels=base, pools_per_axis=pools)
     else:
-        model = build_model(mode, FIVE_MODALITIES, FIVE_CLASSES, module="separable_adapter", base_channels=base,
-                            pools_per_axis=pools)  # fmt: skip
+        model = build_model(
+            mode,
+            FIVE_MODALITIES,
+            FIVE_CLASSES,
+            module="separable_adapter",
+            base_channels=base,
+            pools_per_axis=pools,
+        )
     model.set_fused_ops(False)  # the GPU's plain formulation (the fused ops are a CPU optimisation)
     model.set_depthwise_kernel(kernel)
     model.to(device)
@@ -196,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             if "compiled_max_abs_diff" in r
             else ""
         )
-        print(f"{name:24s} step {r['step_s']:.4f} s (first {r['first_step_s']:.1f} s), peak {r['peak_gib']:.2f} GiB{extra}",
-              flush=True)  # fmt: skip
+        print(
+            f"{name:24s} step {r['step_s']:.4f} s (first {r['first_step_s']:.1f} s), peak {r['peak_gib']:.2f} GiB{extra}",
+            flush=True,
+        )
     if args.json:
         atomic_write_json(
             args.json, {"device": str(device), "patch": args.patch, "layers": layers, "models": results}

@@ -66,11 +66,21 @@ PIPELINES = ("before", "two_step", "composed", "device_plan")
 
 def skimage_resize_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """The resize as it was computed before issue 11 (skimage, voxel by voxel)."""
-    return np.stack([
-        skimage_resize(np.asarray(m, dtype=np.float32), shape, order=3, mode="constant", cval=0.0, clip=True,
-                       anti_aliasing=False, preserve_range=True)
-        for m in image
-    ]).astype(np.float32)  # fmt: skip
+    return np.stack(
+        [
+            skimage_resize(
+                np.asarray(m, dtype=np.float32),
+                shape,
+                order=3,
+                mode="constant",
+                cval=0.0,
+                clip=True,
+                anti_aliasing=False,
+                preserve_range=True,
+            )
+            for m in image
+        ]
+    ).astype(np.float32)
 
 
 def make_sampler(
@@ -83,9 +93,14 @@ def make_sampler(
         i: compute_case_info(np.load(c + "_label.npy"), plans["small_label"]) for i, c in enumerate(cases)
     }
     kwargs: dict[str, Any] = dict(
-        patch_size=patch, batch_size=2, small_label=plans["small_label"], extraction=extraction_size(patch, aug),
-        jitter=safe_jitter(patch, aug), seed=seed, case_info=info,
-    )  # fmt: skip
+        patch_size=patch,
+        batch_size=2,
+        small_label=plans["small_label"],
+        extraction=extraction_size(patch, aug),
+        jitter=safe_jitter(patch, aug),
+        seed=seed,
+        case_info=info,
+    )
     after = None
     if pipeline in ("before", "two_step"):
         kwargs["augmenter"] = SampleAugmenter(patch, aug)
@@ -116,8 +131,17 @@ def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
         if args.smoke:
             patch, out = ((8, 16, 16) if mods == 2 else (12, 12, 12)), (16, 16, 16)
         shape = [p + max(8, p // 4) for p in patch]
-        plans, _ = make_synthetic_task(root, name, num_modalities=mods, num_classes=classes, shape=shape,
-                                       patch=patch, n_train=args.cases, n_val=0, seed=i)  # fmt: skip
+        plans, _ = make_synthetic_task(
+            root,
+            name,
+            num_modalities=mods,
+            num_classes=classes,
+            shape=shape,
+            patch=patch,
+            n_train=args.cases,
+            n_val=0,
+            seed=i,
+        )
         cases = list_cases(root / name)
         for pipeline in args.pipelines:
             sampler, after = make_sampler(pipeline, cases, plans, out, seed=1993 + i)
@@ -131,11 +155,22 @@ def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
                 samples += len(batch["kinds"])
             cpu = time.process_time() - cpu0
             wall = time.perf_counter() - wall0
-            res = {"task": name, "pipeline": pipeline, "samples": samples, "cpu_s": cpu, "wall_s": wall,
-                   "samples_per_s": samples / max(cpu, 1e-9), "patch": list(patch), "out": list(out)}  # fmt: skip
+            res = {
+                "task": name,
+                "pipeline": pipeline,
+                "samples": samples,
+                "cpu_s": cpu,
+                "wall_s": wall,
+                "samples_per_s": samples / max(cpu, 1e-9),
+                "patch": list(patch),
+                "out": list(out),
+            }
             results.append(res)
-            print(f"{name:20s} {pipeline:12s} {res['samples_per_s']:7.2f} samples/s per process "
-                  f"({samples} samples, {cpu:.1f} s CPU, {wall:.1f} s wall)", flush=True)  # fmt: skip
+            print(
+                f"{name:20s} {pipeline:12s} {res['samples_per_s']:7.2f} samples/s per process "
+                f"({samples} samples, {cpu:.1f} s CPU, {wall:.1f} s wall)",
+                flush=True,
+            )
     return results
 
 

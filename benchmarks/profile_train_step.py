@@ -108,18 +108,26 @@ def main(argv: list[str] | None = None) -> int:
     mods = [t[1] for t in PRESET_TASKS]
     classes = [t[2] for t in PRESET_TASKS]
     torch.manual_seed(1)
-    model = build_model("universal", mods, classes, module="separable_adapter", base_channels=args.base,
-                        pools_per_axis=pools).to(device)  # fmt: skip
+    model = build_model(
+        "universal", mods, classes, module="separable_adapter", base_channels=args.base, pools_per_axis=pools
+    ).to(device)
     model.set_fused_ops(device.type == "cpu" and amp is None)
     model.set_depthwise_kernel(args.depthwise_kernel)
-    no_ds = build_model("universal", mods, classes, module="separable_adapter", base_channels=args.base,
-                        pools_per_axis=pools, deep_supervision=False).to(device)  # fmt: skip
+    no_ds = build_model(
+        "universal",
+        mods,
+        classes,
+        module="separable_adapter",
+        base_channels=args.base,
+        pools_per_axis=pools,
+        deep_supervision=False,
+    ).to(device)
     no_ds.set_fused_ops(device.type == "cpu" and amp is None)
     no_ds.set_depthwise_kernel(args.depthwise_kernel)
     channels_last = device.type == "cpu"  # as the training scripts (--channels_last auto)
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's Module.to stubs lack memory_format
-        no_ds.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        no_ds.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # as above
     opt = make_optimizer(model.parameters())
     options = StepOptions(device, amp, channels_last)
     loss_fn = SegmentationLoss()
@@ -136,13 +144,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.loader:
         for i, (name, m, c, tp) in enumerate(PRESET_TASKS):
             tp = (8, 16, 16) if args.smoke and m == 2 else ((12, 12, 12) if args.smoke else tp)
-            plans, _ = make_synthetic_task(Path(tmp.name), name, num_modalities=m, num_classes=c,
-                                           shape=[p + max(8, p // 4) for p in tp], patch=tp, n_train=2, n_val=0,
-                                           seed=i)  # fmt: skip
+            plans, _ = make_synthetic_task(
+                Path(tmp.name),
+                name,
+                num_modalities=m,
+                num_classes=c,
+                shape=[p + max(8, p // 4) for p in tp],
+                patch=tp,
+                n_train=2,
+                n_val=0,
+                seed=i,
+            )
             task = TaskData(name, plans, Path(tmp.name) / name, list_cases(Path(tmp.name) / name), [])
-            loaders.append(make_epoch_loader(task, i, 1, batch_size=args.batch, seed=1993, model_patch=patch,
-                                             num_workers=args.workers, pin_memory=device.type == "cuda",
-                                             pipeline=args.augment_pipeline))  # fmt: skip
+            loaders.append(
+                make_epoch_loader(
+                    task,
+                    i,
+                    1,
+                    batch_size=args.batch,
+                    seed=1993,
+                    model_patch=patch,
+                    num_workers=args.workers,
+                    pin_memory=device.type == "cuda",
+                    pipeline=args.augment_pipeline,
+                )
+            )
 
     def batch_for(k: int) -> tuple[int, torch.Tensor, torch.Tensor, float]:
         t = k % len(PRESET_TASKS)
@@ -190,15 +216,19 @@ def main(argv: list[str] | None = None) -> int:
         med = {p: statistics.median(v) for p, v in phases.items()}
         total = sum(med.values())
         ds_cost = statistics.median(ds_times) - statistics.median(no_ds_times)
-        print(f"device {device} ({torch.get_num_threads()} threads), model patch {patch}, batch {args.batch}, "
-              f"base {args.base}, amp {args.amp}, depthwise {args.depthwise_kernel}, channels_last {channels_last}, "
-              f"loader {args.loader}, torch {torch.__version__}")  # fmt: skip
+        print(
+            f"device {device} ({torch.get_num_threads()} threads), model patch {patch}, batch {args.batch}, "
+            f"base {args.base}, amp {args.amp}, depthwise {args.depthwise_kernel}, channels_last {channels_last}, "
+            f"loader {args.loader}, torch {torch.__version__}"
+        )
         lines = ["| phase (synchronised) | median (s) | share |", "|---|---|---|"]
         for p in PHASES:
             lines.append(f"| {p} | {med[p]:.4f} | {100 * med[p] / total:.1f} % |")
         lines.append(f"| **total** | **{total:.4f}** | 100 % |")
-        lines.append(f"| of which deep supervision (network fwd+bwd with minus without) | {ds_cost:.4f} | "
-                     f"{100 * ds_cost / total:.1f} % |")  # fmt: skip
+        lines.append(
+            f"| of which deep supervision (network fwd+bwd with minus without) | {ds_cost:.4f} | "
+            f"{100 * ds_cost / total:.1f} % |"
+        )
         table = "\n".join(lines)
         print(table, flush=True)
 
@@ -220,17 +250,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         for e in sorted(named, key=lambda e: e.key):
             dev = getattr(e, "device_time_total", 0.0) if device.type == "cuda" else 0.0
-            print(f"  {e.key:28s} CPU {e.cpu_time_total / 1e3 / args.steps:9.2f} ms/step"
-                  + (f"   device {dev / 1e3 / args.steps:9.2f} ms/step" if device.type == "cuda" else ""))  # fmt: skip
+            print(
+                f"  {e.key:28s} CPU {e.cpu_time_total / 1e3 / args.steps:9.2f} ms/step"
+                + (f"   device {dev / 1e3 / args.steps:9.2f} ms/step" if device.type == "cuda" else "")
+            )
         top = events.table(sort_by=sort, row_limit=args.row_limit)
         print(top)
         if device.type == "cuda":
             print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
         if args.json:
-            atomic_write_json(args.json, {"device": str(device), "patch": patch, "phases_median_s": med,
-                                          "total_s": total, "deep_supervision_s": ds_cost,
-                                          "train_step_s": loop / args.steps, "phase_table": table,
-                                          "profiler_table": top})  # fmt: skip
+            atomic_write_json(
+                args.json,
+                {
+                    "device": str(device),
+                    "patch": patch,
+                    "phases_median_s": med,
+                    "total_s": total,
+                    "deep_supervision_s": ds_cost,
+                    "train_step_s": loop / args.steps,
+                    "phase_table": table,
+                    "profiler_table": top,
+                },
+            )
     finally:
         for ld in loaders:
             ld.close()

@@ -188,8 +188,19 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     fwd, _ = _kernels()
     grid = (n * c, triton.cdiv(d * h * w, _BLOCK))
-    fwd[grid](x, weight, bias if bias is not None else weight, y, c, d, h, w,
-              HAS_BIAS=bias is not None, K=k, BLOCK=_BLOCK)  # fmt: skip
+    fwd[grid](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        y,
+        c,
+        d,
+        h,
+        w,
+        HAS_BIAS=bias is not None,
+        K=k,
+        BLOCK=_BLOCK,
+    )
     return y
 
 

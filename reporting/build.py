@@ -178,10 +178,18 @@ def _mode_parameters(
 def _summary_section(rows: Sequence[Mapping[str, str]], dice_png: Path | None, page_dir: Path) -> Section:
     header = ["mode", "task", "class", "Dice", "HD95 (mm)", "cases", "parameters", "task's own"]
     body = [
-        [r["mode"], r["task"], f"{r['class']} {r['class_name']}", r["dice"], r["hd95_mm"], r["num_cases"],
-         f"{int(r['params']):,}", f"{int(r['task_params']):,}"]
+        [
+            r["mode"],
+            r["task"],
+            f"{r['class']} {r['class_name']}",
+            r["dice"],
+            r["hd95_mm"],
+            r["num_cases"],
+            f"{int(r['params']):,}",
+            f"{int(r['task_params']):,}",
+        ]
         for r in rows
-    ]  # fmt: skip
+    ]
     parts = [
         '<p class="note">Mean over each task\'s test cases, in the original geometry, after post-processing '
         "(summary.csv).</p>",
@@ -194,8 +202,15 @@ def _summary_section(rows: Sequence[Mapping[str, str]], dice_png: Path | None, p
 
 def _parameters_section(modes: Sequence[ModeParameters], png: Path, page_dir: Path) -> Section:
     domains = list(dict.fromkeys(d for m in modes for d in m.per_domain))
-    rows = [[m.mode, f"{m.total:,}", f"{m.shared:,}", *[f"{m.per_domain[d]:,}" if d in m.per_domain else "–" for d in domains]]
-            for m in modes]  # fmt: skip
+    rows = [
+        [
+            m.mode,
+            f"{m.total:,}",
+            f"{m.shared:,}",
+            *[f"{m.per_domain[d]:,}" if d in m.per_domain else "–" for d in domains],
+        ]
+        for m in modes
+    ]
     note = (
         '<p class="note">What each mode needs to serve its domains: parameters shared by several domains '
         "and each domain's own (adapters, norms, heads; for one-domain models, the whole model).</p>"
@@ -247,9 +262,16 @@ def _export_rows(files: Sequence[Path], page_dir: Path) -> tuple[list[list[Any]]
             continue
         p = meta["parameters"]
         rows.append(
-            [f.name, meta["task"], f"{f.stat().st_size / 2**20:.2f}", f"{p['domain']:,}", f"{p['universal_total']:,}",
-             f"{100.0 * p['domain'] / p['universal_total']:.1f} %", f"{meta['source']['train_mode']} {meta['source']['module'] or ''}".strip()]
-        )  # fmt: skip
+            [
+                f.name,
+                meta["task"],
+                f"{f.stat().st_size / 2**20:.2f}",
+                f"{p['domain']:,}",
+                f"{p['universal_total']:,}",
+                f"{100.0 * p['domain'] / p['universal_total']:.1f} %",
+                f"{meta['source']['train_mode']} {meta['source']['module'] or ''}".strip(),
+            ]
+        )
     return rows, problems
 
 
@@ -297,9 +319,14 @@ def _overlay_section(
             case = _case_name(name)
             png = assets / "overlays" / _safe(task) / f"{_safe(case)}.png"
             render_case_overlay(
-                png, image[0], truth, preds, spacing_zyx=geom.spacing_zyx, class_names=class_names,
+                png,
+                image[0],
+                truth,
+                preds,
+                spacing_zyx=geom.spacing_zyx,
+                class_names=class_names,
                 title=f"{task} {case}",
-            )  # fmt: skip
+            )
             report.images.append(png)
             parts.append(figure(png, page_dir, case, width=420))
     return Section("Test cases: ground truth and predictions", "\n".join(parts))

@@ -170,9 +170,14 @@ def plot_run_curves(curves: RunCurves, path: str | os.PathLike[str], *, title: s
         for i, series in enumerate(curves.val_dice.values()):
             step, value = series[-1]
             ax_dice.annotate(
-                f"{value:.3f}", (step, value), textcoords="offset points", xytext=(-6, 4 + 8 * (i % 2)),
-                ha="right", fontsize=7, color=_TAB10[i % len(_TAB10)],
-            )  # fmt: skip
+                f"{value:.3f}",
+                (step, value),
+                textcoords="offset points",
+                xytext=(-6, 4 + 8 * (i % 2)),
+                ha="right",
+                fontsize=7,
+                color=_TAB10[i % len(_TAB10)],
+            )
     else:
         _empty(ax_dice, "validation Dice")
     ax_dice.set(title="validation Dice per class", xlabel="step", ylim=(0.0, 1.02))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reporting.figures import class_colour, new_figure, save_png
+from utils.triples import int3
 
 __all__ = [
     "ALPHA",
@@ -45,7 +46,7 @@ def central_planes(*masks: np.ndarray) -> tuple[int, int, int]:
     for mask in masks:
         idx = np.nonzero(mask)
         if idx[0].size:
-            return tuple(int((i.min() + i.max()) // 2) for i in idx)  # type: ignore[return-value]
+            return int3([int((i.min() + i.max()) // 2) for i in idx])
     return (shape[0] // 2, shape[1] // 2, shape[2] // 2)
 
 
@@ -93,7 +94,7 @@ def _axis_scales(shape: Sequence[int], spacing_zyx: Sequence[float], target_px: 
     sp = np.asarray(spacing_zyx, np.float64)
     extent = np.asarray(shape, np.float64) * sp
     mm_per_px = max(extent.max() / target_px, 1e-6)
-    return tuple(max(1, int(round(s / mm_per_px))) for s in sp)  # type: ignore[return-value]
+    return int3([max(1, int(round(s / mm_per_px))) for s in sp])
 
 
 @dataclass(frozen=True)
