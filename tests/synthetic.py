@@ -61,9 +61,11 @@ def write_synthetic_case(
     if num_classes > 2:
         label[((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < (r / 2) ** 2] = 2
     image = np.stack(
-        [label.astype(np.float32) * (1.0 + 0.5 * m) + rng.normal(0, 0.4, shape).astype(np.float32)
-         for m in range(num_modalities)]
-    )  # fmt: skip
+        [
+            label.astype(np.float32) * (1.0 + 0.5 * m) + rng.normal(0, 0.4, shape).astype(np.float32)
+            for m in range(num_modalities)
+        ]
+    )
     split_dir.mkdir(parents=True, exist_ok=True)
     np.save(split_dir / f"{case}_image.npy", image.astype(np.float32))
     np.save(split_dir / f"{case}_label.npy", label)
@@ -113,3 +115,34 @@ def write_folds(
 ) -> None:
     """``fold_splits.json`` with the same fold repeated ``n_folds`` times per task."""
     Path(path).write_text(json.dumps({t: [f] * n_folds for t, f in folds.items()}, indent=1))
+
+
+#: the two tiny tasks of the training-script tests: 1 modality / 2 classes and 2 modalities / 3 classes
+TINY_A, TINY_B = "Task97_TinyA", "Task98_TinyB"
+
+
+def make_two_tiny_tasks(root: str | os.PathLike[str]) -> Path:
+    """``root/prep/{TINY_A,TINY_B}`` (3 training and 1 validation case each) and ``root/folds.json``.
+
+    Returns:
+        ``root`` as a Path.
+    """
+    root = Path(root)
+    folds = {}
+    _, folds[TINY_A] = make_synthetic_task(
+        root / "prep", TINY_A, shape=(8, 12, 12), patch=(8, 8, 8), pools=(2, 2, 2), n_train=3, n_val=1, seed=0
+    )
+    _, folds[TINY_B] = make_synthetic_task(
+        root / "prep",
+        TINY_B,
+        num_modalities=2,
+        num_classes=3,
+        shape=(6, 12, 12),
+        patch=(4, 8, 8),
+        pools=(1, 2, 2),
+        n_train=3,
+        n_val=1,
+        seed=1,
+    )
+    write_folds(root / "folds.json", folds)
+    return root

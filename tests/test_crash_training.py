@@ -18,13 +18,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.crashkit import finish, kill_at_marker, launch
-from tests.synthetic import make_synthetic_task, write_folds
+from tests.synthetic import TINY_A, TINY_B, make_two_tiny_tasks
 from training.cli import main
 from training.state import LATEST, LOCK_NAME
 from utils.checkpoint import load_checkpoint
 from utils.io_utils import TMP_PREFIX
 
-A, B = "Task97_TinyA", "Task98_TinyB"
+A, B = TINY_A, TINY_B
 SCRIPT = "train_model_wt_adapters.py"
 STEPS, EPOCHS = 3, 4
 SEED = int(os.environ.get("U2NET_CRASH_SEED", "2"))
@@ -32,14 +32,7 @@ SEED = int(os.environ.get("U2NET_CRASH_SEED", "2"))
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("crash_train")
-    folds = {}
-    _, folds[A] = make_synthetic_task(root / "prep", A, shape=(8, 12, 12), patch=(8, 8, 8), pools=(2, 2, 2),
-                                      n_train=3, n_val=1, seed=0)  # fmt: skip
-    _, folds[B] = make_synthetic_task(root / "prep", B, num_modalities=2, num_classes=3, shape=(6, 12, 12),
-                                      patch=(4, 8, 8), pools=(1, 2, 2), n_train=3, n_val=1, seed=1)  # fmt: skip
-    write_folds(root / "folds.json", folds)
-    return root
+    return make_two_tiny_tasks(tmp_path_factory.mktemp("crash_train"))
 
 
 def _flags(data: Path) -> list[str]:

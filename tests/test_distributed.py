@@ -22,7 +22,7 @@ import torch
 
 from models import build_model
 from tests.distkit import CASES, ROOT, reference, script_args, torchrun
-from tests.synthetic import make_synthetic_task, write_folds
+from tests.synthetic import TINY_A, TINY_B, make_two_tiny_tasks
 from training.cli import prepare_runs
 from training.config import TrainConfig
 from training.data import epoch_seed
@@ -43,7 +43,7 @@ from training.state import LATEST, numbered_name
 from training.step import StepOptions, train_step
 from utils.checkpoint import load_checkpoint
 
-A, B = "Task97_TinyA", "Task98_TinyB"
+A, B = TINY_A, TINY_B
 SCRIPT = "train_model_wt_adapters.py"
 CPU = torch.device("cpu")
 
@@ -211,14 +211,7 @@ def test_two_processes_batch1_equal_one_process_batch2(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("dist_train")
-    folds = {}
-    _, folds[A] = make_synthetic_task(root / "prep", A, shape=(8, 12, 12), patch=(8, 8, 8), pools=(2, 2, 2),
-                                      n_train=3, n_val=1, seed=0)  # fmt: skip
-    _, folds[B] = make_synthetic_task(root / "prep", B, num_modalities=2, num_classes=3, shape=(6, 12, 12),
-                                      patch=(4, 8, 8), pools=(1, 2, 2), n_train=3, n_val=1, seed=1)  # fmt: skip
-    write_folds(root / "folds.json", folds)
-    return root
+    return make_two_tiny_tasks(tmp_path_factory.mktemp("dist_train"))
 
 
 def _flags(data: Path, results: str = "results", timeout: int = 30) -> list[str]:

@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from tests.synthetic import make_synthetic_task, write_folds
+from tests.synthetic import TINY_A, TINY_B, make_two_tiny_tasks
 from training.cli import main, prepare_runs
 from training.config import TrainConfig
 from training.loop import fit
@@ -26,20 +26,13 @@ from utils import io_utils
 from utils.checkpoint import load_checkpoint
 from utils.io_utils import TMP_PREFIX
 
-A, B = "Task97_TinyA", "Task98_TinyB"
+A, B = TINY_A, TINY_B
 PROG = "train_model_no_adapters.py"
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("faults")
-    folds = {}
-    _, folds[A] = make_synthetic_task(root / "prep", A, shape=(8, 12, 12), patch=(8, 8, 8), pools=(2, 2, 2),
-                                      n_train=3, n_val=1, seed=0)  # fmt: skip
-    _, folds[B] = make_synthetic_task(root / "prep", B, num_modalities=2, num_classes=3, shape=(6, 12, 12),
-                                      patch=(4, 8, 8), pools=(1, 2, 2), n_train=3, n_val=1, seed=1)  # fmt: skip
-    write_folds(root / "folds.json", folds)
-    return root
+    return make_two_tiny_tasks(tmp_path_factory.mktemp("faults"))
 
 
 def _flags(data: Path, out: Path, *extra: str) -> list[str]:
