@@ -33,13 +33,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.preset_tasks import FIVE_CLASSES, FIVE_MODALITIES  # noqa: E402
 from models import build_model  # noqa: E402
 from models.runtime import compiled  # noqa: E402
 from models.triton_depthwise import depthwise_conv3d_triton, triton_available  # noqa: E402
 from utils.io_utils import atomic_write_json  # noqa: E402
 
-FIVE_MODALITIES = [1, 1, 1, 2, 1]
-FIVE_CLASSES = [2, 2, 3, 3, 2]
 #: name: (mode, amp, depthwise kernel, compile)
 CONFIGS: dict[str, tuple[str, bool, str, bool]] = {
     "dense_fp32": ("independent", False, "native", False),

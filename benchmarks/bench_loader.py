@@ -41,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.preset_tasks import FIVE_TASKS  # noqa: E402
 from tests.synthetic import make_synthetic_task  # noqa: E402
 from training.augmentation import (  # noqa: E402
     AugmentParams,
@@ -53,14 +54,8 @@ from training.sampling import PatchSampler, compute_case_info  # noqa: E402
 from utils.io_utils import atomic_write_json  # noqa: E402
 from utils.preprocessing import list_cases, resize_image, resize_nearest  # noqa: E402
 
-#: (name, modalities, classes, task patch) of the five-task preset (docs/paper_preset.md)
-PRESET_TASKS = [
-    ("Task02_Heart", 1, 2, (80, 192, 128)),
-    ("Task03_Liver", 1, 2, (128, 128, 128)),
-    ("Task04_Hippocampus", 1, 3, (40, 56, 40)),
-    ("Task05_Prostate", 2, 3, (20, 192, 192)),
-    ("Task07_Pancreas", 1, 2, (96, 160, 128)),
-]
+#: (name, modalities, classes, patch) of the five-task preset
+PRESET_TASKS = [(t.name, t.modalities, t.classes, t.patch) for t in FIVE_TASKS]
 PIPELINES = ("before", "two_step", "composed", "device_plan")
 
 

@@ -28,9 +28,6 @@ import subprocess
 import sys
 import time
 
-FIVE_MODALITIES = [1, 1, 1, 2, 1]
-FIVE_CLASSES = [2, 2, 3, 3, 2]
-
 # name: (train_mode, module, channels_last, fused, keep freed memory in the heap)
 CONFIGS: dict[str, tuple[str, str | None, bool, bool, bool]] = {
     "independent/plain": ("independent", None, False, False, False),
@@ -53,6 +50,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from benchmarks.preset_tasks import FIVE_CLASSES, FIVE_MODALITIES  # noqa: E402
 from models import build_model, count_parameters  # noqa: E402
 from models.runtime import keep_freed_memory_in_heap  # noqa: E402
 from utils.io_utils import atomic_write_json  # noqa: E402

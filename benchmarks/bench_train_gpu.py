@@ -37,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.preset_tasks import FIVE_TASKS  # noqa: E402
 from models import U2Net3D, build_model  # noqa: E402
 from tests.synthetic import make_synthetic_task  # noqa: E402
 from training.data import TaskData, make_epoch_loader, scan_cases  # noqa: E402
@@ -49,14 +50,8 @@ from utils.preprocessing import list_cases  # noqa: E402
 #: the configurations and the switches that may follow them (``universal_fp32+gpuaug+triton``)
 BASE_CONFIGS = ("universal_fp32", "universal_amp", "independent_fp32", "independent_amp")
 CONFIG_EXTRAS = ("composed", "gpuaug", "triton", "compile")
-#: (name, modalities, classes, task patch, pools) of the five-task preset (docs/paper_preset.md)
-PRESET_TASKS = [
-    ("Task02_Heart", 1, 2, (80, 192, 128), (4, 5, 5)),
-    ("Task03_Liver", 1, 2, (128, 128, 128), (5, 5, 5)),
-    ("Task04_Hippocampus", 1, 3, (40, 56, 40), (3, 3, 3)),
-    ("Task05_Prostate", 2, 3, (20, 192, 192), (2, 5, 5)),
-    ("Task07_Pancreas", 1, 2, (96, 160, 128), (4, 5, 5)),
-]
+#: (name, modalities, classes, patch, pools) of the five-task preset
+PRESET_TASKS = [(t.name, t.modalities, t.classes, t.patch, t.pools) for t in FIVE_TASKS]
 
 
 def make_tasks(root: Path, *, smoke: bool, cases: int) -> list[TaskData]:

@@ -1,0 +1,1 @@
+"""Benchmark scripts (run each as ``python benchmarks/<name>.py``) and the few helpers they share."""
