@@ -18,6 +18,7 @@ so nothing can hang the test suite.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import runpy
@@ -52,6 +53,8 @@ CASES: dict[str, tuple[str, str | None, int, str, bool]] = {
 }
 #: tasks of the tiny models: (modalities, classes)
 TASKS = [(1, 2), (2, 3)]
+#: Adam's learning rate in the equivalence cases
+LR = 1e-3
 
 
 def case_model(name: str) -> torch.nn.Module:
@@ -65,7 +68,7 @@ def case_model(name: str) -> torch.nn.Module:
         module=module,
         base_channels=4,
         pools_per_axis=(2, 2, 2),
-    )
+    ).double()  # float64: the runs compared differ only by how they sum, not by float32 rounding
 
 
 def case_batches(name: str) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -84,7 +87,7 @@ def case_batches(name: str) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         label[:, :, 2:6, 1:6, 2:7] = 1.0
         if classes > 2:
             label[1, :, 3:5, 2:4, 3:6] = 2.0
-        image = label * 1.5 + torch.randn(2, modalities, 8, 8, 8, generator=gen)
+        image = label * 1.5 + torch.randn(2, modalities, 8, 8, 8, generator=gen, dtype=torch.float64)
         out.append((t, image, label))
     return out
 
@@ -95,43 +98,64 @@ def run_case(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     samples: slice,
     sync: Callable[[int, torch.Tensor], float] | None = None,
-) -> tuple[list[float], list[dict[str, torch.Tensor | None]]]:
-    """Train ``model`` on ``samples`` of every step's batch (Adam, lr 1e-3). Returns the step losses
-    and, per step, every parameter's gradient as the optimizer got it (after ``sync``)."""
+    start_states: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` on ``samples`` of every step's batch (Adam, lr :data:`LR`).
+
+    Args:
+        start_states: if given, before step k the model and optimizer are loaded from
+            ``start_states[k]`` (the reference's states before its step k), so that every step starts
+            from the reference's exact weights and Adam moments.
+
+    Returns:
+        ``{"losses": [...], "grads": [{name: grad or None}], "before": [states], "after": [weights]}``:
+        per step the loss, every parameter's gradient as the optimizer got it (after ``sync``), the
+        model and optimizer states before the step and the weights after it.
+    """
     *_, grad_none = CASES[name]
-    optimizer = make_optimizer(model.parameters(), lr=1e-3)
-    options = StepOptions(CPU, None, channels_last=False, grad_to_none=grad_none)
-    grads: list[dict[str, torch.Tensor | None]] = []
+    optimizer = make_optimizer(model.parameters(), lr=LR)
+    options = StepOptions(CPU, None, channels_last=False, grad_to_none=grad_none, dtype=torch.float64)
+    out: dict[str, Any] = {"losses": [], "grads": [], "before": [], "after": []}
 
     def capture(task_idx: int, loss: torch.Tensor) -> float:
         value = float(loss) if sync is None else sync(task_idx, loss)
-        grads.append({n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()})
+        out["grads"].append(
+            {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+        )
         return value
 
-    losses = []
-    for t, image, label in case_batches(name):
+    for k, (t, image, label) in enumerate(case_batches(name)):
+        if start_states is not None:
+            model.load_state_dict(start_states[k]["model"])
+            optimizer.load_state_dict(start_states[k]["optimizer"])
+        out["before"].append(
+            {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict())}
+        )
         res = train_step(model, optimizer, loss_fn, image[samples], label[samples], t, options, sync=capture)
-        losses.append(res.loss)
-    return losses, grads
+        out["losses"].append(res.loss)
+        out["after"].append(copy.deepcopy(model.state_dict()))
+    return out
 
 
 def reference(name: str) -> dict[str, Any]:
-    """One process, batch 2: the losses, gradients and final weights a 2-process run must reproduce
-    (on one thread: tiny tensors gain nothing from more, and on a busy machine lose a lot)."""
+    """One process, batch 2: per step the loss, gradients, starting states and resulting weights that a
+    2-process run must reproduce (on one thread: tiny tensors gain nothing from more, and on a busy
+    machine lose a lot)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model = case_model(name)
         classes = CASES[name][3]
-        losses, grads = run_case(name, model, SegmentationLoss(classes=classes), slice(0, 2))
+        return run_case(name, model, SegmentationLoss(classes=classes), slice(0, 2))
     finally:
         torch.set_num_threads(threads)
-    return {"losses": losses, "grads": grads, "state": model.state_dict()}
 
 
 def steps_worker(out_dir: str) -> None:
-    """Under torchrun: every case with batch 1 per process (rank r takes sample r); writes
-    ``rank<r>.pt`` = {case: {"losses", "grads", "state"}} (as :func:`reference`)."""
+    """Under torchrun: every case with batch 1 per process (rank r takes sample r), each step started
+    from the states of ``OUT_DIR/reference.pt`` ({case: :func:`reference`}, computed by the test in a
+    process without a process group). Writes ``rank<r>.pt`` = {case: run_case's dict}."""
+    refs = torch.load(Path(out_dir) / "reference.pt")
     ctx = init_from_env("cpu", timeout_s=60)
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
@@ -143,8 +167,9 @@ def steps_worker(out_dir: str) -> None:
             tasks = [0] if CASES[name][0] == "independent" else list(range(len(TASKS)))
             loss_fn = GlobalBatchLoss(SegmentationLoss(classes=classes), ctx)
             sync = GradientSync(ctx, model, tasks)
-            losses, grads = run_case(name, model, loss_fn, slice(ctx.rank, ctx.rank + 1), sync)
-            results[name] = {"losses": losses, "grads": grads, "state": model.state_dict()}
+            results[name] = run_case(
+                name, model, loss_fn, slice(ctx.rank, ctx.rank + 1), sync, start_states=refs[name]["before"]
+            )
         torch.save(results, Path(out_dir) / f"rank{ctx.rank}.pt")
     finally:
         ctx.close()

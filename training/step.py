@@ -40,12 +40,15 @@ class StepOptions:
     channels_last: bool = False
     grad_to_none: bool = False
     compile_backend: str | None = None
+    #: the dtype of the input and of the loss: float32 (the preset); float64 only where tests compare
+    #: two ways of computing one step and need them free of float32 rounding
+    dtype: torch.dtype = torch.float32
 
     def autocast(self) -> contextlib.AbstractContextManager[object]:
         return autocast(self.device, self.amp_dtype)
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True).float()
+        x = x.to(self.device, non_blocking=True).to(self.dtype)
         if self.channels_last and x.dim() == 5:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return x
@@ -93,7 +96,7 @@ def train_step(
     with options.autocast(), record_function("step/forward"):
         logits = net(x, task_idx)
     with record_function("step/loss"):
-        loss = loss_fn(logits.float(), y)  # the losses (sorting, log-softmax) in float32
+        loss = loss_fn(logits.to(options.dtype), y)  # the losses (sorting, log-softmax) in float32
     with record_function("step/backward"):
         (scaler.scale(loss) if scaler is not None else loss).backward()
     # The step's one host-device synchronisation, once forward, loss and backward are all queued
