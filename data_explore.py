@@ -1,9 +1,11 @@
-"""Explore MSD tasks: image headers and label sizes (docs/paper_preset.md, "Data exploration").
+"""Explore tasks (MSD or nnU-Net v2 layout): image headers and label sizes (docs/paper_preset.md,
+"Data exploration").
 
     python data_explore.py --dataset_dir dataset/ --out_dir results/data_explore/
 
-Reads every training image's NIfTI header (dims, spacings, datatype, scaling slope/intercept) and
-each training label (voxel count per label, smallest label), and writes
+Reads every training image's header (dims, spacings, datatype, NIfTI scaling slope/intercept; any
+supported format: NIfTI, MetaImage, NRRD; an nnU-Net case's channel files, which must share their
+geometry) and each training label (voxel count per label, smallest label), and writes
 
 * ``<out_dir>/meta_per_case.csv``: one row per training case;
 * ``<out_dir>/stats_per_task.csv``: per task and quantity (dims, spacings, smallest-label size),
@@ -25,7 +27,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from utils.decathlon import CaseEntry, DataError, find_tasks, load_nifti, load_task
+from utils.decathlon import (
+    CaseEntry,
+    DataError,
+    check_same_geometry,
+    find_tasks,
+    load_nifti,
+    load_task,
+    read_geometry,
+    read_label,
+)
+from utils.image_io import image_format, read_file_geometry, stored_datatype, unsupported_file_reason
 from utils.io_utils import atomic_write_csv
 
 CASE_COLUMNS = [
@@ -54,37 +66,76 @@ def _fmt_scale(value: float | None) -> str:
     return "none" if value is None or not np.isfinite(value) else f"{float(value):g}"
 
 
+def _header_facts(path: Path) -> dict[str, Any]:
+    """Shape (x, y, z[, t]), spacings (x, y, z), stored datatype and NIfTI slope/intercept of an image file."""
+    if image_format(path) == "nifti":
+        hdr = load_nifti(path).header
+        slope, inter = hdr.get_slope_inter()
+        return {
+            "shape": tuple(int(v) for v in hdr.get_data_shape()),
+            "zooms": tuple(float(v) for v in hdr.get_zooms()),
+            "datatype": str(hdr.get_data_dtype()),
+            "slope": slope,
+            "inter": inter,
+        }
+    geom = read_file_geometry(path)  # MetaImage / NRRD: SimpleITK's header reader
+    z, y, x = geom.size_zyx
+    shape = (x, y, z) + ((geom.n_modalities,) if geom.n_modalities > 1 else ())
+    return {
+        "shape": shape,
+        "zooms": geom.spacing_xyz,
+        "datatype": stored_datatype(path),
+        "slope": None,
+        "inter": None,
+    }
+
+
+def _read_label_values(path: Path) -> np.ndarray:
+    if image_format(path) == "nifti":
+        try:
+            return np.asarray(np.asanyarray(load_nifti(path).dataobj))
+        except Exception as e:  # noqa: BLE001 - truncated/corrupt label
+            raise DataError(path, f"cannot read label ({type(e).__name__}: {e})") from e
+    return read_label(path, verify=False)[0]
+
+
 def explore_case(task: str, case: CaseEntry, labels: dict[int, str]) -> dict[str, Any]:
-    """Header facts of a training image and label sizes of its label map (one CSV row)."""
+    """Header facts of a training image (or of an nnU-Net case's channel files) and label sizes of its
+    label map (one CSV row)."""
     row: dict[str, Any] = {c: "" for c in CASE_COLUMNS}
     row.update(task=task, case=case.case_id, image_file=str(case.image))
     try:
-        if not case.image.is_file():
-            raise DataError(case.image, "file not found")
-        hdr = load_nifti(case.image).header
-        shape = hdr.get_data_shape()
-        zooms = hdr.get_zooms()
+        channels = case.images if len(case.images) > 1 else (case.image,)
+        for path in channels:
+            if not path.is_file():
+                raise DataError(path, "file not found")
+            if image_format(path) is None:
+                raise DataError(path, unsupported_file_reason(path))
+        facts = _header_facts(case.image)
+        shape, zooms = facts["shape"], facts["zooms"]
         if len(shape) < 3:
             raise DataError(case.image, f"expected 3D/4D, header says shape {shape}")
-        slope, inter = hdr.get_slope_inter()
+        if len(channels) > 1:  # one 3D file per modality, all of one geometry
+            first = read_geometry(channels[0])
+            for c, path in enumerate(channels[1:], start=1):
+                check_same_geometry(
+                    first, read_geometry(path), path, what=(f"channel 0 ({channels[0].name})", f"channel {c}")
+                )
         row.update(
-            n_modalities=int(shape[3]) if len(shape) > 3 else 1,
+            n_modalities=len(channels) if len(channels) > 1 else (int(shape[3]) if len(shape) > 3 else 1),
             dim_z=int(shape[2]),
             dim_y=int(shape[1]),
             dim_x=int(shape[0]),
             spacing_z=round(float(zooms[2]), 5),
             spacing_y=round(float(zooms[1]), 5),
             spacing_x=round(float(zooms[0]), 5),
-            datatype=str(hdr.get_data_dtype()),
-            scl_slope=_fmt_scale(slope),
-            scl_inter=_fmt_scale(inter),
+            datatype=facts["datatype"],
+            scl_slope=_fmt_scale(facts["slope"]),
+            scl_inter=_fmt_scale(facts["inter"]),
         )
         if case.label is None or not case.label.is_file():
             raise DataError(case.label or case.image, "label file not found")
-        try:
-            lab = np.asanyarray(load_nifti(case.label).dataobj)
-        except Exception as e:  # noqa: BLE001 - truncated/corrupt label
-            raise DataError(case.label, f"cannot read label ({type(e).__name__}: {e})") from e
+        lab = _read_label_values(case.label)
         values, counts = np.unique(np.rint(lab).astype(np.int64), return_counts=True)
         found = dict(zip(values.tolist(), counts.tolist(), strict=True))
         row["label_voxels"] = ";".join(f"{v}:{found[v]}" for v in sorted(found))
@@ -203,10 +254,14 @@ def explore_dataset(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line; returns 0, or 1 when some case could not be read, 2 when nothing was found."""
     ap = argparse.ArgumentParser(
-        description="Per-case header/label facts and per-task statistics of MSD tasks (CSV + summary table)."
+        description="Per-case header/label facts and per-task statistics of tasks in the MSD or nnU-Net v2 "
+        "layout (CSV + summary table)."
     )
     ap.add_argument(
-        "--dataset_dir", default="dataset", help="folder holding the Task* folders (default: dataset)"
+        "--dataset_dir",
+        default="dataset",
+        help="folder holding the task folders (MSD Task* or nnU-Net v2 Dataset* folders with their "
+        "dataset.json; default: dataset)",
     )
     ap.add_argument(
         "--out_dir", default="results/data_explore", help="where the CSVs go (default: results/data_explore)"
@@ -222,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not rows:
-        print(f"no training cases found in Task* folders of {args.dataset_dir}", file=sys.stderr)
+        print(f"no training cases found in the task folders of {args.dataset_dir}", file=sys.stderr)
         return 2
     out = Path(args.out_dir)
     atomic_write_csv(out / "meta_per_case.csv", CASE_COLUMNS, rows)

@@ -1,11 +1,15 @@
-"""Segment raw NIfTI images with a trained 3D U²-Net checkpoint.
+"""Segment raw images (NIfTI, MetaImage, NRRD, DICOM series) with a trained 3D U²-Net checkpoint.
 
     python predict.py --ckp results/model.pt --task Task04_Hippocampus \\
         --input dataset/Task04_Hippocampus/imagesTs --output predictions/Task04
 
 Every input image (3D, or 4D with the modalities on the 4th axis) is preprocessed with the plans
 stored in the checkpoint, segmented with a sliding window, post-processed, put back into its
-original geometry and written as a uint8 NIfTI label map with the same file name. Inputs that fail
+original geometry and written as a uint8 label map named after its input, in the input's format
+(NIfTI, MetaImage .mha, NRRD; NIfTI for DICOM series) unless --output_format says otherwise
+(``dicom-seg``: a DICOM Segmentation of each DICOM series, with highdicom). nnU-Net channel files
+(``case_0000``, ``case_0001``, ...) form one case; a folder holding one DICOM series is one case
+named after its SeriesInstanceUID (``cases.csv`` in --output maps outputs to series). Inputs that fail
 (unreadable, wrong number of modalities, ...) are reported by name; the others are still
 segmented, and the exit status is then 1. Label maps are written atomically, so those already in
 the output folder are complete and kept (a rerun after an interruption does only the rest) unless
@@ -21,9 +25,23 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from inference.dicom import highdicom_problem
 from inference.exported import load_exported_task
+from inference.inputs import OUTPUT_FORMATS
 from inference.predictor import Segmenter, TaskModel
-from inference.settings import BLEND_MODES, UNIFIED_MODES, VOLUME_RESIZES, WEIGHT_MODES, InferenceSettings
+from inference.settings import (
+    ACCUM_DTYPES,
+    BLEND_MODES,
+    CLOSING_BORDERS,
+    PAD_MODES,
+    UNIFIED_MODES,
+    VOLUME_RESIZES,
+    VOLUME_SCALINGS,
+    WEIGHT_MASKS,
+    WEIGHT_MODES,
+    WINDOW_COUNTS,
+    InferenceSettings,
+)
 from models.runtime import AMP_MODES, keep_freed_memory_in_heap, resolve_amp, resolve_device
 from utils.checkpoint import CheckpointError
 
@@ -71,13 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         nargs="+",
         metavar="DIR_OR_FILE",
-        help="NIfTI images (.nii.gz/.nii) and/or folders of them (hidden ._* files are skipped)",
+        help="images (.nii.gz, .nii, .mha, .mhd, .nrrd; 3D, 4D with the modalities on the 4th axis, or one "
+        "file per modality named CASE_0000, CASE_0001, ... as nnU-Net does) and/or folders of them; a folder "
+        "holding one DICOM series, or a folder of such folders (hidden ._* files are skipped)",
     )
     p.add_argument(
         "--output",
         required=True,
         metavar="DIR",
         help="output folder (created if missing); one label map per input, same file name",
+    )
+    p.add_argument(
+        "--output_format",
+        default=None,
+        choices=OUTPUT_FORMATS,
+        help="format of the label maps: nifti (.nii.gz), mha (MetaImage), nrrd, or dicom-seg (a DICOM "
+        "Segmentation referencing its source series; DICOM input only, needs highdicom); default: each "
+        "input's own format (NIfTI for DICOM series)",
     )
     p.add_argument(
         "--device",
@@ -109,8 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight_mode",
         default=DEFAULTS.weight_mode,
         choices=WEIGHT_MODES,
-        help="patch blending weights: 'linear' = 1 at the patch centre falling linearly to ~0 "
-        "at the corners (paper); 'gaussian'; 'constant' = plain average",
+        help="patch blending weights: 'linear' = 1 at voxel patch//2 falling linearly with the distance to "
+        "~0 at the first corner (the original); 'linear_symmetric' = centred at (patch-1)/2, floored at "
+        "1e-3 (this project's earlier default); 'gaussian'; 'constant' = plain average",
+    )
+    p.add_argument(
+        "--window_count",
+        default=DEFAULTS.window_count,
+        choices=WINDOW_COUNTS,
+        help="'original': the windows of the original's loop, the last one along each axis counted twice "
+        "(run once, weighted twice); 'once': the last window flush with the end, every window once",
+    )
+    p.add_argument(
+        "--pad_mode",
+        default=DEFAULTS.pad_mode,
+        choices=PAD_MODES,
+        help="an axis shorter than the patch is zero-padded by 'ceil_both' = ceil(shortfall/2) on both "
+        "sides (the original) or 'exact' = shortfall//2 before and the rest after",
     )
     p.add_argument(
         "--blend",
@@ -124,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.volume_resize,
         choices=VOLUME_RESIZES,
         help="with --unified_mode volume: scale the image 'cubic' (the paper, as in training) or 'trilinear'",
+    )
+    p.add_argument(
+        "--volume_scaling",
+        default=DEFAULTS.volume_scaling,
+        choices=VOLUME_SCALINGS,
+        help="with --unified_mode volume: 'pad_floor' = pad to the task patch, scaled size "
+        "int(size * model/task patch), labels back to the padded shape, crop (the original); "
+        "'round' = no padding first, round()",
     )
     p.add_argument(
         "--unified_mode",
@@ -143,9 +194,30 @@ def build_parser() -> argparse.ArgumentParser:
         "on CUDA); off = fp32 (the paper preset)",
     )
     p.add_argument(
+        "--accumulator",
+        default=DEFAULTS.accum_dtype,
+        choices=ACCUM_DTYPES,
+        help="dtype of the blended class scores: float64 (the original), float32 (half the memory), "
+        "float16 (a quarter; for huge CT volumes)",
+    )
+    p.add_argument(
         "--fp16_accumulator",
         action="store_true",
-        help="keep the blended class scores in float16 (halves that memory; for huge CT volumes)",
+        help="the same as --accumulator float16",
+    )
+    p.add_argument(
+        "--closing_border",
+        default=DEFAULTS.closing_border,
+        choices=CLOSING_BORDERS,
+        help="post-processing closing: 'erode' = over the whole grid, foreground on its faces eroded "
+        "(the original); 'keep' = the faces are not eroded",
+    )
+    p.add_argument(
+        "--weight_mask",
+        default=DEFAULTS.weight_mask,
+        choices=WEIGHT_MASKS,
+        help="post-processing removes predictions outside the body 'before' the closing (the original) "
+        "or 'before_after' (also what the closing adds there)",
     )
     p.add_argument(
         "--overwrite",
@@ -166,13 +238,18 @@ def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
         batch_size=args.batch_size,
         step_fraction=args.step_fraction,
         weight_mode=args.weight_mode,
+        window_count=args.window_count,
+        pad_mode=args.pad_mode,
         blend=args.blend,
         volume_resize=args.volume_resize,
+        volume_scaling=args.volume_scaling,
         mirror_tta=args.tta,
         postprocess=not args.no_postprocess,
+        closing_border=args.closing_border,
+        weight_mask=args.weight_mask,
         unified_mode=args.unified_mode,
         amp=resolve_amp(args.amp, device),
-        accum_dtype="float16" if args.fp16_accumulator else "float32",
+        accum_dtype="float16" if args.fp16_accumulator else args.accumulator,
         progress=not args.no_progress,
     )
 
@@ -184,6 +261,9 @@ def main(argv: Sequence[str] | None = None, *, tune_cpu_allocator: bool = False)
     script's own process, see :func:`models.runtime.keep_freed_memory_in_heap`).
     """
     args = build_parser().parse_args(argv)
+    if args.output_format == "dicom-seg" and (missing := highdicom_problem()):
+        print(f"predict.py: {missing}", file=sys.stderr)
+        return 2
     try:
         settings = settings_from_args(args)
         if args.model is not None:
@@ -197,7 +277,7 @@ def main(argv: Sequence[str] | None = None, *, tune_cpu_allocator: bool = False)
         keep_freed_memory_in_heap()  # faster CPU inference on large volumes
     try:
         report = Segmenter(task, settings).predict_files(
-            args.input, args.output, skip_existing=not args.overwrite
+            args.input, args.output, skip_existing=not args.overwrite, output_format=args.output_format
         )
     except OSError as e:  # the output folder cannot be created or written
         print(f"predict.py: {e}", file=sys.stderr)

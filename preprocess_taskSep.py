@@ -1,4 +1,4 @@
-"""Offline preprocessing of Medical Segmentation Decathlon tasks (docs/paper_preset.md, "Preprocessing").
+"""Offline preprocessing of tasks in the MSD or nnU-Net v2 layout (docs/paper_preset.md, "Preprocessing").
 
     python preprocess_taskSep.py --dataset_dir dataset/ --prep_dir prepData/ [--tasks ...] [--nProc N]
 
@@ -35,11 +35,14 @@ def _label_map(text: str) -> dict[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     ap = argparse.ArgumentParser(
-        description="Crop, resample, normalise and save MSD tasks for training/inference (one plans.json "
+        description="Crop, resample, normalise and save tasks (MSD or nnU-Net v2 layout) for training/inference (one plans.json "
         "per task, one set of .npy arrays + JSON sidecar per case), in parallel and resumable.",
     )
     ap.add_argument(
-        "--dataset_dir", default="dataset", help="folder holding the Task* folders (default: dataset)"
+        "--dataset_dir",
+        default="dataset",
+        help="folder holding the task folders: MSD Task* or nnU-Net v2 Dataset* folders, each with its "
+        "dataset.json (default: dataset)",
     )
     ap.add_argument("--prep_dir", default="prepData", help="output folder (default: prepData)")
     ap.add_argument(
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="TASK",
-        help="task folder names to process (default: every Task* folder with a dataset.json)",
+        help="task folder names to process (default: every folder with a dataset.json)",
     )
     ap.add_argument(
         "--nProc",
@@ -103,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default for tasks outside the paper preset); 'none': as the paper (default for preset tasks)",
     )
     g.add_argument(
+        "--resample_grid",
+        choices=("original", "centred"),
+        help="'original' (default): the original's SimpleITK grid (image origin and direction, spacings "
+        "rounded to 3 decimals, int(n * spacing / target) voxels, the file's voxel type, e.g. int16 CT); "
+        "'centred': the crop's physical extent with voxel centres aligned, round(n * spacing / target) "
+        "voxels, float32. Predictions go back to the original grid by the inverse of the same grid",
+    )
+    g.add_argument(
+        "--ct_clip_for",
+        choices=("all", "ct"),
+        help="which tasks get the clip below -1024: 'all' (default, as the original) or 'ct' (CT tasks only)",
+    )
+    g.add_argument(
         "--ignore_preset",
         action="store_true",
         help="derive every setting from the data even for tasks in the settings table",
@@ -126,6 +142,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "small_label": args.small_label,
         "max_voxels": args.max_voxels,
         "zero_mask": args.zero_mask,
+        "resample_grid": args.resample_grid,
+        "ct_clip_for": args.ct_clip_for,
         "zero_upper_half_x": None if args.zero_upper_half_x is None else args.zero_upper_half_x == "on",
     }
     out.update({k: v for k, v in pairs.items() if v is not None})

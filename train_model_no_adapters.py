@@ -12,10 +12,17 @@ See docs/training.md.
 
 from training.cli import script_main
 
-if __name__ == "__main__":
+
+def main() -> int:
+    """Parse the flags and train (also the console script of ``pip install .``); exits with the status."""
     script_main(
         "train_model_no_adapters.py",
         modes=("independent", "shared"),
         default_mode="independent",
-        description=__doc__,
+        description=__doc__ or "",
     )
+    return 0  # not reached: script_main exits
+
+
+if __name__ == "__main__":
+    main()

@@ -83,6 +83,9 @@ DEMO_PREP=prepData_demo
 DEMO_RES=results/demo
 DEMO_TASKS="Task91_DemoLiverCT Task92_DemoHippoMR Task93_DemoProstateMR"
 DEMO_NEW=Task94_DemoSpleenCT
+# Task91's cases with the tumour as its own class: the trained liver domain's label set grows
+DEMO_MORE_CLASSES=Task95_DemoLiverTumourCT
+DEMO_GROWN=Task91_DemoLiverCT
 
 demo() {
     # --seed N (or DEMO_SEED=N): seed of the generated data and of every training run; without it the
@@ -112,33 +115,49 @@ demo() {
     read -r -a extra_train <<< "${DEMO_TRAIN_ARGS:-}"
     read -r -a extra_predict <<< "${DEMO_PREDICT_ARGS:-}"
     common+=("${extra_train[@]}")
-    # the schedule (docs/training.md, "Laptop demo"): steps per task, 160 universal, 120 independent,
-    # 120 shared; the new domain 120 when the trained model is extended (17k parameters train), 240
-    # when adapted as the original code did (93k parameters train, the downsampling path from scratch)
+    # the schedule (docs/training.md, "Laptop demo"): steps per task, 160 universal, 80 independent,
+    # 80 shared; the new domain 40 when the trained model is extended (17k parameters train, warm
+    # started from the liver domain), 160 when adapted as the original code did (93k parameters train,
+    # the downsampling path from scratch); the liver domain's grown label set (+ tumour) 160
     local multi=(--model_patch 32 32 32 --pools 3 3 3 --max_epoch "${DEMO_EPOCHS_MULTI:-4}"
         --steps_per_epoch "${DEMO_STEPS_MULTI:-120}")
-    local shared=(--max_epoch "${DEMO_EPOCHS_SHARED:-3}")
-    local indep=(--patch_size 32 32 32 --max_epoch "${DEMO_EPOCHS_INDEP:-3}" --steps_per_epoch "${DEMO_STEPS_INDEP:-40}")
-    local adapt=(--max_epoch "${DEMO_EPOCHS_ADAPT:-3}" --steps_per_epoch "${DEMO_STEPS_ADAPT:-40}")
-    local adapt_original=(--max_epoch "${DEMO_EPOCHS_ADAPT:-3}" --steps_per_epoch "${DEMO_STEPS_ADAPT_ORIGINAL:-80}")
+    local shared=(--max_epoch "${DEMO_EPOCHS_SHARED:-2}" --steps_per_epoch "${DEMO_STEPS_SHARED:-120}")
+    local indep=(--patch_size 32 32 32 --max_epoch "${DEMO_EPOCHS_INDEP:-2}" --steps_per_epoch "${DEMO_STEPS_INDEP:-40}")
+    local adapt=(--max_epoch "${DEMO_EPOCHS_ADAPT:-2}" --steps_per_epoch "${DEMO_STEPS_ADAPT:-20}")
+    local adapt_original=(--max_epoch "${DEMO_EPOCHS_ADAPT:-2}" --steps_per_epoch "${DEMO_STEPS_ADAPT_ORIGINAL:-80}")
+    local more_classes=(--max_epoch "${DEMO_EPOCHS_NEW_CLASSES:-4}" --steps_per_epoch "${DEMO_STEPS_NEW_CLASSES:-40}")
 
     stamp "generating demo tasks into $DEMO_DATA/"
     rm -rf "$DEMO_DATA"
-    "$PY" -m demo.data --out "$DEMO_DATA" --n_train 12 --n_test 3 --size "${DEMO_SIZE:-40}" --seed "${seed:-0}"
+    "$PY" -m demo.data --out "$DEMO_DATA" --n_train 12 --n_test 3 --size "${DEMO_SIZE:-40}" --seed "${seed:-0}" \
+        --tasks $DEMO_TASKS "$DEMO_NEW" "$DEMO_MORE_CLASSES"
     stamp "data_explore.py"
     "$PY" data_explore.py --dataset_dir "$DEMO_DATA" --out_dir "$DEMO_RES/data_explore" --no_progress > "$logs/data_explore.log"
     stamp "preprocess_taskSep.py -> $DEMO_PREP/"
     "$PY" preprocess_taskSep.py --dataset_dir "$DEMO_DATA" --prep_dir "$DEMO_PREP" --nProc 2 --no_progress \
         > "$logs/preprocess.log"
 
+    # one domain of the universal model exported on its own (TorchScript, and ONNX where onnx and
+    # onnxruntime are installed) segments the test images (in lane 2, once the universal model is trained):
+    # report.html checks it gives the same labels
+    local hippo=Task92_DemoHippoMR fmt cmp=()
+    local formats=(torchscript:pt)
+    if "$PY" -c "import onnx, onnxruntime" > /dev/null 2>&1; then formats+=(onnx:onnx); fi
+    for fmt in "${formats[@]}"; do
+        cmp+=(--export_file "$DEMO_RES/export/$hippo.${fmt##*:}" --compare "exported_${fmt%%:*}=universal")
+    done
+
     # two lanes of training processes (one thread each) keep the 2 cores busy:
-    #   lane 1: independent models -> shared model -> universal model extended to the new domain
-    #   lane 2: universal model -> universal model adapted as the original code did
+    #   lane 1: independent models -> shared model -> universal model extended to the new domain -> the
+    #           universal model adapted to it as the original code did
+    #   lane 2: universal model -> one domain exported -> the universal model's liver domain with a grown
+    #           label set (+ tumour)
     local uni="$DEMO_RES/res_u2net3d_universal_demo/${DEMO_TASKS// /_}"
     stamp "lane 1: independent models ($logs/independent.log), shared model ($logs/shared.log), then the universal" \
-        "model extended to $DEMO_NEW ($logs/universal_adapted.log)"
-    stamp "lane 2: universal model ($logs/universal.log), then adapted to $DEMO_NEW as the original code did" \
+        "model extended to $DEMO_NEW ($logs/universal_adapted.log) and adapted to it as the original code did" \
         "($logs/universal_adapted_original.log)"
+    stamp "lane 2: universal model ($logs/universal.log), $hippo exported ($logs/export.log), then its" \
+        "$DEMO_GROWN grown to the classes of $DEMO_MORE_CLASSES ($logs/universal_new_classes.log)"
     (
         "$PY" train_model_no_adapters.py --trainMode independent --out_tag demo --tasks $DEMO_TASKS "${common[@]}" \
             "${indep[@]}" > "$logs/independent.log" 2>&1 || { tail -20 "$logs/independent.log"; exit 1; }
@@ -151,6 +170,10 @@ demo() {
         "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted \
             --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" "${adapt[@]}" \
             > "$logs/universal_adapted.log" 2>&1 || { tail -20 "$logs/universal_adapted.log"; exit 1; }
+        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted_original \
+            --adapt_scope original_code --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
+            "${adapt_original[@]}" > "$logs/universal_adapted_original.log" 2>&1 \
+            || { tail -20 "$logs/universal_adapted_original.log"; exit 1; }
     ) &
     local lane1=$!
     (
@@ -158,10 +181,18 @@ demo() {
             --tasks $DEMO_TASKS "${common[@]}" "${multi[@]}" > "$logs/universal.log" 2>&1 \
             || { touch "$logs/universal.failed"; tail -20 "$logs/universal.log"; exit 1; }
         touch "$logs/universal.done"
-        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted_original \
-            --adapt_scope original_code --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
-            "${adapt_original[@]}" > "$logs/universal_adapted_original.log" 2>&1 \
-            || { tail -20 "$logs/universal_adapted_original.log"; exit 1; }
+        : > "$logs/export.log"
+        for fmt in "${formats[@]}"; do
+            "$PY" -m models.export --ckp "$uni/checkpoints/best.pt" --task "$hippo" --format "${fmt%%:*}" \
+                --out "$DEMO_RES/export/$hippo.${fmt##*:}" >> "$logs/export.log" 2>&1 || { tail -20 "$logs/export.log"; exit 1; }
+            "$PY" predict.py --model "$DEMO_RES/export/$hippo.${fmt##*:}" --input "$DEMO_DATA/$hippo/imagesTs" \
+                --output "$DEMO_RES/predictions/exported_${fmt%%:*}/$hippo" --no_progress >> "$logs/export.log" 2>&1 \
+                || { tail -20 "$logs/export.log"; exit 1; }
+        done
+        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_new_classes \
+            --tasks "$DEMO_MORE_CLASSES" --add_classes_to "$DEMO_GROWN" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
+            "${more_classes[@]}" > "$logs/universal_new_classes.log" 2>&1 \
+            || { tail -20 "$logs/universal_new_classes.log"; exit 1; }
     ) &
     local lane2=$!
     wait $lane1 || exit 1
@@ -177,6 +208,7 @@ demo() {
     done
     jobs+=("universal_adapted $DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW $DEMO_NEW")
     jobs+=("universal_adapted_original $DEMO_RES/res_u2net3d_universal_demo_adapted_original/$DEMO_NEW $DEMO_NEW")
+    jobs+=("universal_new_classes $DEMO_RES/res_u2net3d_universal_demo_new_classes/$DEMO_MORE_CLASSES $DEMO_MORE_CLASSES")
     : > "$logs/predict.log"
     local lane lane_pids=()
     for lane in 0 1; do
@@ -204,25 +236,10 @@ demo() {
         --run shared="$DEMO_RES/res_u2net3d_shared_demo/${DEMO_TASKS// /_}" \
         --run universal="$uni" \
         --run universal_adapted="$DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW" \
-        --run universal_adapted_original="$DEMO_RES/res_u2net3d_universal_demo_adapted_original/$DEMO_NEW" --strict
-    stamp "done in $((SECONDS - t0)) s; summary: $DEMO_RES/summary.csv"
-    echo "demo wall time: $((SECONDS - t0)) s" > "$DEMO_RES/wall_time.txt"
+        --run universal_adapted_original="$DEMO_RES/res_u2net3d_universal_demo_adapted_original/$DEMO_NEW" \
+        --run universal_new_classes="$DEMO_RES/res_u2net3d_universal_demo_new_classes/$DEMO_MORE_CLASSES" --strict
+    stamp "summary: $DEMO_RES/summary.csv"
 
-    # one domain of the universal model exported on its own (TorchScript, and ONNX where onnx and
-    # onnxruntime are installed) segments the test images: report.html checks it gives the same labels
-    local hippo=Task92_DemoHippoMR fmt cmp=()
-    local formats=(torchscript:pt)
-    if "$PY" -c "import onnx, onnxruntime" > /dev/null 2>&1; then formats+=(onnx:onnx); fi
-    : > "$logs/export.log"
-    for fmt in "${formats[@]}"; do
-        stamp "exporting $hippo of the universal model as ${fmt%%:*}; segmenting its test images with it"
-        "$PY" -m models.export --ckp "$uni/checkpoints/best.pt" --task "$hippo" --format "${fmt%%:*}" \
-            --out "$DEMO_RES/export/$hippo.${fmt##*:}" >> "$logs/export.log" 2>&1 || { tail -20 "$logs/export.log"; exit 1; }
-        "$PY" predict.py --model "$DEMO_RES/export/$hippo.${fmt##*:}" --input "$DEMO_DATA/$hippo/imagesTs" \
-            --output "$DEMO_RES/predictions/exported_${fmt%%:*}/$hippo" --no_progress >> "$logs/export.log" 2>&1 \
-            || { tail -20 "$logs/export.log"; exit 1; }
-        cmp+=(--export_file "$DEMO_RES/export/$hippo.${fmt##*:}" --compare "exported_${fmt%%:*}=universal")
-    done
     grep -m1 "^parameters" "$logs/export.log" || true
     stamp "visual report: charts, training curves, test-case overlays ($logs/report.log)"
     "$PY" -m reporting --results_dir "$DEMO_RES" --dataset_dir "$DEMO_DATA" \
@@ -231,8 +248,12 @@ demo() {
         --eval universal="$uni" \
         --eval universal_adapted="$DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW" \
         --eval universal_adapted_original="$DEMO_RES/res_u2net3d_universal_demo_adapted_original/$DEMO_NEW" \
+        --eval universal_new_classes="$DEMO_RES/res_u2net3d_universal_demo_new_classes/$DEMO_MORE_CLASSES" \
         "${cmp[@]}" --strict > "$logs/report.log" 2>&1 || { tail -20 "$logs/report.log"; exit 1; }
     echo "report: $DEMO_RES/report.html"
+    stamp "done in $((SECONDS - t0)) s"
+    echo "demo wall time: $((SECONDS - t0)) s (everything: data, training, predictions, summary, export, report)" \
+        > "$DEMO_RES/wall_time.txt"
 }
 
 case "${1:-}" in

@@ -12,10 +12,15 @@ augmentation and "fore"/"small" redraws) and brought to the 128³ model patch, b
   region to read; the image resampling then runs on the GPU and is not counted here).
 
 Samples per second per process = samples / CPU time of the process. BLAS and OpenMP threads are set
-to 1 before numpy is imported, as one process per core would run.
+to 1 before numpy is imported, as one process per core would run. ``--centre_voxels`` picks how the
+"fore"/"small" structure voxel is drawn (``all``: uniform over every voxel, the preset; ``subset``: the
+cached subset of 2,048); ``--voxel_draws N`` also times N such draws alone on a Liver-sized label
+(300 x 400 x 400 voxels, a 4.8-million-voxel structure) and reports the memory of each index.
 
     .venv/bin/python benchmarks/bench_loader.py                       # all pipelines, ~10 min on 2 cores
     .venv/bin/python benchmarks/bench_loader.py --pipelines two_step composed --batches 2
+    .venv/bin/python benchmarks/bench_loader.py --pipelines two_step --centre_voxels subset
+    .venv/bin/python benchmarks/bench_loader.py --pipelines --voxel_draws 2000   # the draws alone
     .venv/bin/python benchmarks/bench_loader.py --smoke               # tiny, a few seconds
 """
 
@@ -50,7 +55,7 @@ from training.augmentation import (  # noqa: E402
     safe_jitter,
 )
 from training.composed_augment import ComposedAugmenter  # noqa: E402
-from training.sampling import PatchSampler, compute_case_info  # noqa: E402
+from training.sampling import PatchSampler, compute_case_info, structure_voxel  # noqa: E402
 from utils.io_utils import atomic_write_json  # noqa: E402
 from utils.preprocessing import list_cases, resize_image, resize_nearest  # noqa: E402
 
@@ -79,7 +84,12 @@ def skimage_resize_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.n
 
 
 def make_sampler(
-    pipeline: str, cases: list[str], plans: dict[str, Any], out: tuple[int, int, int], seed: int
+    pipeline: str,
+    cases: list[str],
+    plans: dict[str, Any],
+    out: tuple[int, int, int],
+    seed: int,
+    centre_voxels: str = "all",
 ) -> tuple[PatchSampler, Any]:
     """The worker's sampler for ``pipeline`` and the batch-level step that follows it (the resize)."""
     patch = tuple(int(v) for v in plans["patch_size"])
@@ -95,6 +105,7 @@ def make_sampler(
         jitter=safe_jitter(patch, aug),
         seed=seed,
         case_info=info,
+        centre_voxels=centre_voxels,
     )
     after = None
     if pipeline in ("before", "two_step"):
@@ -139,7 +150,7 @@ def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
         )
         cases = list_cases(root / name)
         for pipeline in args.pipelines:
-            sampler, after = make_sampler(pipeline, cases, plans, out, seed=1993 + i)
+            sampler, after = make_sampler(pipeline, cases, plans, out, 1993 + i, args.centre_voxels)
             samples = 0
             cpu0 = time.process_time()
             wall0 = time.perf_counter()
@@ -169,6 +180,50 @@ def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     return results
 
 
+def voxel_draws(n: int) -> dict[str, Any]:
+    """Time ``n`` draws of a uniform structure voxel alone, per ``centre_voxels`` mode, on a Liver-sized
+    label: ``all`` (:func:`training.sampling.structure_voxel` on a memory map, one slice read per draw),
+    ``subset`` (an index into the cached 2,048 voxels), and for reference a flat int32 list of every
+    voxel (the memory the per-slice counts avoid)."""
+    shape = (300, 400, 400)
+    label = np.zeros(shape, np.uint8)
+    zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    label[((zz - 150) / 110.0) ** 2 + ((yy - 200) / 120.0) ** 2 + ((xx - 190) / 90.0) ** 2 <= 1] = 1
+    with tempfile.TemporaryDirectory(prefix="bench_voxels_") as tmp:
+        path = os.path.join(tmp, "label.npy")
+        np.save(path, label)
+        mm = np.load(path, mmap_mode="r")
+        info = compute_case_info(label, None)
+        total = int(info.fore_cumcount[-1])
+        rs = np.random.RandomState(0)
+        out: dict[str, Any] = {"label_shape": list(shape), "structure_voxels": total}
+        t0 = time.process_time()
+        for _ in range(n):
+            structure_voxel(mm, info.fore_cumcount, int(rs.randint(total)), None)
+        out["all_us_per_draw"] = 1e6 * (time.process_time() - t0) / n
+        t0 = time.process_time()
+        for _ in range(n):
+            info.fore_points[rs.randint(len(info.fore_points))].astype(np.int64)
+        out["subset_us_per_draw"] = 1e6 * (time.process_time() - t0) / n
+        flat = np.flatnonzero(label).astype(np.int32)
+        t0 = time.process_time()
+        for _ in range(n):
+            np.array(np.unravel_index(int(flat[rs.randint(len(flat))]), shape), dtype=np.int64)
+        out["flat_list_us_per_draw"] = 1e6 * (time.process_time() - t0) / n
+        out["bytes_all_cumcount"] = int(info.fore_cumcount.nbytes)
+        out["bytes_subset"] = int(info.fore_points.nbytes)
+        out["bytes_flat_int32_list"] = int(flat.nbytes)
+        del mm
+    print(
+        f"structure-voxel draws on a {shape} label with {total} structure voxels: "
+        f"all {out['all_us_per_draw']:.1f} us/draw (index {out['bytes_all_cumcount']} B), "
+        f"subset {out['subset_us_per_draw']:.1f} us/draw ({out['bytes_subset']} B), "
+        f"flat int32 list {out['flat_list_us_per_draw']:.1f} us/draw ({out['bytes_flat_int32_list'] / 1e6:.1f} MB)",
+        flush=True,
+    )
+    return out
+
+
 def summary(results: list[dict[str, Any]]) -> str:
     """Markdown table: samples/s per process by task and pipeline, and the preset's round-robin mean
     (one sample of each task in turn: harmonic mean of the rates)."""
@@ -189,19 +244,29 @@ def summary(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
+    ap.add_argument("--pipelines", nargs="*", default=list(PIPELINES), choices=PIPELINES)
+    ap.add_argument(
+        "--centre_voxels", default="all", choices=("all", "subset"), help="structure voxels of 'fore'/'small'"
+    )
+    ap.add_argument("--voxel_draws", type=int, default=0, help="also time N structure-voxel draws alone")
     ap.add_argument("--batches", type=int, default=3, help="batches of 2 per task and pipeline")
     ap.add_argument("--cases", type=int, default=2, help="synthetic cases per task")
     ap.add_argument("--smoke", action="store_true", help="tiny patches (a few seconds)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
-        results = run(args, Path(tmp))
-    print()
-    print(summary(results))
+    draws = voxel_draws(args.voxel_draws) if args.voxel_draws > 0 else None
+    results: list[dict[str, Any]] = []
+    if args.pipelines:
+        with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
+            results = run(args, Path(tmp))
+        print()
+        print(summary(results))
     if args.json:
-        atomic_write_json(args.json, {"results": results, "summary": summary(results)})
+        atomic_write_json(
+            args.json,
+            {"results": results, "summary": summary(results) if results else "", "voxel_draws": draws},
+        )
     return 0
 
 

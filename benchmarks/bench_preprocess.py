@@ -33,7 +33,7 @@ from demo.data import generate_demo_data  # noqa: E402
 from utils.decathlon import check_nifti_integrity, read_image, read_label  # noqa: E402
 from utils.io_utils import atomic_write_nifti  # noqa: E402
 from utils.prep_runner import run_preprocessing  # noqa: E402
-from utils.preprocessing import preprocess_arrays, save_case  # noqa: E402
+from utils.preprocessing import preprocess_arrays, save_case, stored_dtype  # noqa: E402
 from utils.task_settings import NORMALISATION  # noqa: E402
 from utils.triples import int3  # noqa: E402
 
@@ -70,6 +70,7 @@ def one_case(img: Path, lab: Path, target: tuple[float, float, float], out: Path
         "label_map": {"0": 0, "1": 1},
         "num_classes": 2,
         "target_spacing": list(target),
+        "resample_grid": "original",
         "normalisation": dict(NORMALISATION),
     }
     t = {}
@@ -82,7 +83,7 @@ def one_case(img: Path, lab: Path, target: tuple[float, float, float], out: Path
     label, _ = read_label(lab, verify=False)
     t["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    im, w, lb, side = preprocess_arrays(image, geom, plans, label)
+    im, w, lb, side = preprocess_arrays(image, geom, plans, label, pixel_dtype=stored_dtype(img))
     t["crop+resample+normalise"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     save_case(out, "case", im, w, side, label=lb)

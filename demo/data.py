@@ -1,6 +1,7 @@
-"""Small synthetic tasks in the Medical Segmentation Decathlon layout, for newcomers and CI.
+"""Small synthetic tasks in the Medical Segmentation Decathlon (or nnU-Net v2) layout, for newcomers and CI.
 
-``python -m demo.data --out DIR [--seed S] [--n_train 12] [--n_test 3] [--size 64]`` writes
+``python -m demo.data --out DIR [--seed S] [--n_train 12] [--n_test 3] [--size 64]
+[--layout msd|nnunetv2] [--format nifti|mha|nrrd]`` writes
 
 ==========================  ==========================  =========  =====================================
 task                        modalities                  classes    what it exercises
@@ -15,6 +16,10 @@ Task93_DemoProstateMR       T2 + ADC as one 4D NIfTI    3          two modalitie
                             (int16, different scales)              oblique direction, anisotropic
 Task94_DemoSpleenCT         CT (int16)                  2          the "new domain"; flipped direction,
                                                                    thick slices
+Task95_DemoLiverTumourCT    CT (Task91's cases)         3          Task91's images and labels, the tumour
+                                                                   kept as class 2: a trained domain's
+                                                                   label set grows (``--add_classes_to``);
+                                                                   written only when named in ``--tasks``
 ==========================  ==========================  =========  =====================================
 
 Every case is a random phantom: organ-like blobs (ellipsoids with random size, rotation and smooth
@@ -25,12 +30,19 @@ on two CPU cores). Shapes are defined in
 coordinates normalised to the field of view, so after resampling to the (median) target spacing
 every case is about ``size`` voxels per axis (Prostate: 0.6 x size slices). Everything is
 deterministic for a seed: case ``i`` of task ``t`` uses the generator ``default_rng([seed, t, i])``.
+
+``--layout nnunetv2`` writes the same cases as nnU-Net v2 raw datasets: folders
+``Dataset091_DemoLiverCT``, ..., one file per modality (``imagesTr/liverct_001_0000.nii.gz``), labels by
+name (``labelsTr/liverct_001.nii.gz``) and a ``dataset.json`` with ``channel_names``, ``labels`` (name ->
+value), ``numTraining`` and ``file_ending``. ``--format`` picks the image format (``.nii.gz``, ``.mha``
+or ``.nrrd``) of either layout; the voxels and geometry are the same in every combination.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +51,25 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from utils.io_utils import atomic_write, atomic_write_json, atomic_write_nifti
+from utils.io_utils import atomic_write, atomic_write_image, atomic_write_json
 from utils.triples import float3, int3
 
-__all__ = ["DEMO_TASKS", "DemoCase", "DemoTask", "generate_demo_data", "generate_task", "main"]
+__all__ = [
+    "DEMO_FORMATS",
+    "DEMO_LAYOUTS",
+    "DEMO_TASKS",
+    "GROWN_DEMO_TASKS",
+    "DemoCase",
+    "DemoTask",
+    "generate_demo_data",
+    "generate_task",
+    "main",
+    "task_folder_name",
+]
+
+#: the layouts and image formats the generator writes (format -> file suffix)
+DEMO_LAYOUTS = ("msd", "nnunetv2")
+DEMO_FORMATS = {"nifti": ".nii.gz", "mha": ".mha", "nrrd": ".nrrd"}
 
 Coords = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -68,6 +95,7 @@ class DemoTask:
     modalities: tuple[str, ...]
     labels: Mapping[int, str]
     make_case: Callable[[np.random.Generator, int], DemoCase]
+    same_cases_as: str | None = None  # write that task's cases (same seeds: same images and raw labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,9 +216,11 @@ def _make_liver(rng: np.random.Generator, size: int) -> DemoCase:
     label = liver.astype(np.uint8)
     for _ in range(int(rng.integers(1, 3))):
         tc = [centre[i] + rng.uniform(-0.3, 0.3) * r for i, r in enumerate((0.75, 0.6, 0.5))]
-        tumour, _ = _blob(c, rng, tc, rng.uniform(0.1, 0.2, 3), wobble=0.2)
+        # hyperdense lesions (3-4 noise sigmas above the organ) of 4-6 voxels' radius at size 40: large and
+        # distinct enough that Task95 learns them as their own class in the demo's short schedule
+        tumour, _ = _blob(c, rng, tc, rng.uniform(0.2, 0.3, 3), wobble=0.2)
         tumour &= liver
-        img[tumour] = liver_mean - rng.uniform(25, 40)
+        img[tumour] = liver_mean + rng.uniform(60, 80)
         label[tumour] = 2
     img += sigma * _noise(rng, shape)
     img[~body] = -1000.0 + 10.0 * rng.standard_normal(int((~body).sum())).astype(np.float32)
@@ -328,6 +358,18 @@ DEMO_TASKS: Mapping[str, DemoTask] = {
         _make_spleen,
     ),
 }
+#: tasks written only when named (``--tasks``): another label set of a demo task's cases
+GROWN_DEMO_TASKS: Mapping[str, DemoTask] = {
+    "Task95_DemoLiverTumourCT": DemoTask(
+        "livertumourct",
+        "The cases of Task91_DemoLiverCT with the tumour as its own class (a trained liver domain gains a class)",
+        ("CT",),
+        {0: "background", 1: "liver", 2: "tumour"},
+        _make_liver,
+        same_cases_as="Task91_DemoLiverCT",
+    ),
+}
+_ALL_TASKS: Mapping[str, DemoTask] = {**DEMO_TASKS, **GROWN_DEMO_TASKS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,23 +377,56 @@ DEMO_TASKS: Mapping[str, DemoTask] = {
 # ---------------------------------------------------------------------------------------------
 
 
+def _as_nifti_stores(
+    spacing_xyz: Sequence[float], origin_xyz: Sequence[float], direction: Sequence[float], four_d: bool
+) -> tuple[float, ...]:
+    """A 3x3 direction as a (3D or 4D) NIfTI file of the MSD layout with this spacing and origin gives it
+    back (NIfTI keeps float32 numbers): written that way, an oblique direction is the same in every layout
+    and format (MetaImage and NRRD store it as given)."""
+    n = 4 if four_d else 3
+    probe = sitk.Image([2] * n, sitk.sitkUInt8)
+    d = np.eye(n)
+    d[:3, :3] = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    probe.SetDirection(d.ravel().tolist())
+    probe.SetSpacing([*spacing_xyz, 1.0][:n])
+    probe.SetOrigin([*origin_xyz, 0.0][:n])
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "direction.nii")
+        sitk.WriteImage(probe, path)
+        back = np.asarray(sitk.ReadImage(path).GetDirection()).reshape(n, n)
+    return tuple(float(v) for v in back[:3, :3].ravel())
+
+
 def _to_sitk(case: DemoCase, arrays: list[np.ndarray], dtype: type) -> sitk.Image:
     """3D image (one array) or 4D image (modalities on the 4th axis) with the case geometry."""
     data = [np.rint(a).astype(dtype) if np.issubdtype(dtype, np.integer) else a.astype(dtype) for a in arrays]
-    spacing_xyz = list(case.spacing_zyx[::-1])
+    # spacing, origin and direction as NIfTI stores them (float32), so that every format holds the same numbers
+    spacing_xyz = [float(np.float32(s)) for s in case.spacing_zyx[::-1]]
+    origin_xyz = [float(np.float32(o)) for o in case.origin_xyz]
+    # the image's direction for every file of the case (the MSD image of a multi-modality task is 4D)
+    direction = _as_nifti_stores(spacing_xyz, origin_xyz, case.direction, four_d=len(case.images) > 1)
     if len(data) == 1:
         img = sitk.GetImageFromArray(data[0])
         img.SetSpacing(spacing_xyz)
-        img.SetOrigin(case.origin_xyz)
-        img.SetDirection(case.direction)
+        img.SetOrigin(origin_xyz)
+        img.SetDirection(direction)
         return img
     img = sitk.GetImageFromArray(np.stack(data), isVector=False)  # (t, z, y, x) -> 4D
     d4 = np.eye(4)
-    d4[:3, :3] = np.asarray(case.direction).reshape(3, 3)
+    d4[:3, :3] = np.asarray(direction).reshape(3, 3)
     img.SetSpacing([*spacing_xyz, 1.0])
-    img.SetOrigin([*case.origin_xyz, 0.0])
+    img.SetOrigin([*origin_xyz, 0.0])
     img.SetDirection(d4.ravel().tolist())
     return img
+
+
+def task_folder_name(name: str, layout: str = "msd") -> str:
+    """The folder of a demo task in a layout: ``Task91_DemoLiverCT`` (MSD) or ``Dataset091_DemoLiverCT``
+    (nnU-Net v2: ``Dataset`` + the 3-digit number)."""
+    if layout == "msd":
+        return name
+    number, rest = name[len("Task") :].split("_", 1)
+    return f"Dataset{int(number):03d}_{rest}"
 
 
 def generate_task(
@@ -362,15 +437,28 @@ def generate_task(
     n_train: int = 12,
     n_test: int = 3,
     size: int = 64,
+    layout: str = "msd",
+    file_format: str = "nifti",
 ) -> Path:
     """Write one demo task (``dataset.json``, ``imagesTr``, ``labelsTr``, ``imagesTs`` and the test
-    cases' labels in ``labelsTs``, which real MSD tasks do not have).
+    cases' labels in ``labelsTs``, which real tasks do not have).
 
-    Returns the task folder.
+    Args:
+        layout: ``"msd"`` (a 3D or 4D image per case, files listed in ``dataset.json``) or ``"nnunetv2"``
+            (one 3D file per modality, ``CASE_0000``, ``CASE_0001``, ...; files found by name).
+        file_format: ``"nifti"`` (``.nii.gz``), ``"mha"`` or ``"nrrd"``.
+
+    Returns the task folder (:func:`task_folder_name`).
     """
-    task = DEMO_TASKS[name]
-    task_idx = list(DEMO_TASKS).index(name)
-    root = Path(out_dir) / name
+    if layout not in DEMO_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {DEMO_LAYOUTS}")
+    if file_format not in DEMO_FORMATS:
+        raise ValueError(f"unknown format {file_format!r}; choose from {tuple(DEMO_FORMATS)}")
+    ext = DEMO_FORMATS[file_format]
+    nnunet = layout == "nnunetv2"
+    task = _ALL_TASKS[name]
+    task_idx = list(_ALL_TASKS).index(task.same_cases_as or name)
+    root = Path(out_dir) / task_folder_name(name, layout)
     training, test = [], []
     for i in range(n_train + n_test):
         is_test = i >= n_train
@@ -382,41 +470,61 @@ def generate_task(
             bg = np.argwhere(case.label == 0)
             case.label[tuple(bg[len(bg) // 2])] = 254
         sub = "imagesTs" if is_test else "imagesTr"
-        atomic_write_nifti(_to_sitk(case, case.images, case.dtype), root / sub / f"{case_id}.nii.gz")
+        if nnunet:  # one 3D file per modality
+            for c, image in enumerate(case.images):
+                atomic_write_image(
+                    _to_sitk(case, [image], case.dtype), root / sub / f"{case_id}_{c:04d}{ext}"
+                )
+        else:
+            atomic_write_image(_to_sitk(case, case.images, case.dtype), root / sub / f"{case_id}{ext}")
         # test labels go to labelsTs/ (not part of the MSD layout: real tasks have none); the demo
         # scores its test predictions against them
-        atomic_write_nifti(
+        atomic_write_image(
             _to_sitk(case, [case.label], np.uint8),
-            root / ("labelsTs" if is_test else "labelsTr") / f"{case_id}.nii.gz",
+            root / ("labelsTs" if is_test else "labelsTr") / f"{case_id}{ext}",
         )
         if is_test:
-            test.append(f"./imagesTs/{case_id}.nii.gz")
+            test.append(f"./imagesTs/{case_id}{ext}")
         else:
-            training.append(
-                {"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"}
-            )
+            training.append({"image": f"./imagesTr/{case_id}{ext}", "label": f"./labelsTr/{case_id}{ext}"})
     if name == "Task92_DemoHippoMR" and n_train:  # MSD quirk: macOS resource forks in the archive
-        for sub in ("imagesTr", "labelsTr"):
-            atomic_write(
-                root / sub / f"._{task.prefix}_001.nii.gz",
-                lambda f: f.write(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X"),
-            )
-    meta = {
-        "name": name.split("_", 1)[1],
-        "description": task.description,
-        "reference": "generated by demo.data (synthetic, not medical data)",
-        "licence": "CC0",
-        "release": "1.0",
-        "tensorImageSize": "4D" if len(task.modalities) > 1 else "3D",
-        "modality": {str(i): m for i, m in enumerate(task.modalities)},
-        "labels": {str(k): v for k, v in task.labels.items()},
-        "numTraining": n_train,
-        "numTest": n_test,
-        "training": training,
-        "test": test,
+        junk = f"._{task.prefix}_001" + ("_0000" if nnunet else "")
+        for sub, fname in (("imagesTr", junk + ext), ("labelsTr", f"._{task.prefix}_001{ext}")):
+            atomic_write(root / sub / fname, lambda f: f.write(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X"))
+    demo = {
         "demo_seed": seed,
         "demo_size": size,
+        "reference": "generated by demo.data (synthetic, not medical data)",
     }
+    meta: dict[str, object]
+    if nnunet:
+        meta = {
+            "name": name.split("_", 1)[1],
+            "description": task.description,
+            "channel_names": {str(i): m for i, m in enumerate(task.modalities)},
+            "labels": {v: k for k, v in task.labels.items()},
+            "numTraining": n_train,
+            "file_ending": ext,
+            "licence": "CC0",
+            **demo,
+        }
+    else:
+        meta = {
+            "name": name.split("_", 1)[1],
+            "description": task.description,
+            "reference": demo["reference"],
+            "licence": "CC0",
+            "release": "1.0",
+            "tensorImageSize": "4D" if len(task.modalities) > 1 else "3D",
+            "modality": {str(i): m for i, m in enumerate(task.modalities)},
+            "labels": {str(k): v for k, v in task.labels.items()},
+            "numTraining": n_train,
+            "numTest": n_test,
+            "training": training,
+            "test": test,
+            "demo_seed": seed,
+            "demo_size": size,
+        }
     atomic_write_json(root / "dataset.json", meta, indent=4)
     return root
 
@@ -429,21 +537,38 @@ def generate_demo_data(
     n_test: int = 3,
     size: int = 64,
     tasks: Sequence[str] | None = None,
+    layout: str = "msd",
+    file_format: str = "nifti",
 ) -> list[Path]:
-    """Write the demo tasks (all, or ``tasks``) into ``out_dir``; returns the task folders."""
+    """Write the demo tasks (those of :data:`DEMO_TASKS`, or ``tasks``, named as in :data:`DEMO_TASKS` or
+    :data:`GROWN_DEMO_TASKS`) into ``out_dir`` in a layout
+    and format (:func:`generate_task`); returns the task folders."""
     names = list(tasks) if tasks else list(DEMO_TASKS)
-    unknown = [t for t in names if t not in DEMO_TASKS]
+    unknown = [t for t in names if t not in _ALL_TASKS]
     if unknown:
-        raise ValueError(f"unknown demo task(s) {unknown}; choose from {list(DEMO_TASKS)}")
-    return [generate_task(t, out_dir, seed=seed, n_train=n_train, n_test=n_test, size=size) for t in names]
+        raise ValueError(f"unknown demo task(s) {unknown}; choose from {list(_ALL_TASKS)}")
+    return [
+        generate_task(
+            t,
+            out_dir,
+            seed=seed,
+            n_train=n_train,
+            n_test=n_test,
+            size=size,
+            layout=layout,
+            file_format=file_format,
+        )
+        for t in names
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m demo.data --out DIR [--seed S] ...``."""
     ap = argparse.ArgumentParser(
         prog="python -m demo.data",
-        description="Write small synthetic MSD-format tasks (Task folders with dataset.json, imagesTr, "
-        "labelsTr, imagesTs, plus the test labels in labelsTs) for trying the pipeline without downloading data.",
+        description="Write small synthetic tasks (Task folders with dataset.json, imagesTr, labelsTr, imagesTs, "
+        "plus the test labels in labelsTs; MSD or nnU-Net v2 layout) for trying the pipeline without "
+        "downloading data.",
     )
     ap.add_argument(
         "--out", required=True, help="output folder (e.g. dataset/ or demo_data/); created if missing"
@@ -459,7 +584,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=64,
         help="about how many voxels per axis after resampling (default 64, min 16)",
     )
-    ap.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help=f"subset of {list(DEMO_TASKS)}")
+    ap.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help=f"subset of {list(_ALL_TASKS)} (default: the first four)",
+    )
+    ap.add_argument(
+        "--layout",
+        choices=DEMO_LAYOUTS,
+        default="msd",
+        help="msd: TaskNN_Name folders, one (3D or 4D) image per case, files listed in dataset.json; nnunetv2: "
+        "DatasetNNN_Name folders, one file per modality (CASE_0000, CASE_0001, ...) found by name (default msd)",
+    )
+    ap.add_argument(
+        "--format",
+        dest="file_format",
+        choices=tuple(DEMO_FORMATS),
+        default="nifti",
+        help="image format: nifti (.nii.gz), mha (MetaImage) or nrrd (default nifti)",
+    )
     args = ap.parse_args(argv)
     if args.size < 16:
         ap.error("--size must be at least 16")
@@ -473,6 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_test=args.n_test,
             size=args.size,
             tasks=args.tasks,
+            layout=args.layout,
+            file_format=args.file_format,
         )
     except ValueError as e:
         ap.error(str(e))

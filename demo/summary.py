@@ -22,20 +22,30 @@ tasks; universal_adapted: the extended model, old tasks included; an adaptation 
 of them specific to the task. For an adapted domain that is what the new domain costs: the
 parameters its run trained (its adapters, norms and heads when the trained model was extended;
 everything but the copied, frozen convolution weights with ``--adapt_scope original_code``).
+
+A domain whose label set grew (``--add_classes_to``, e.g. mode ``universal_new_classes``) gets a row per
+class of its new label set (old and new classes), and one per class of its OLD label set under the
+domain's old name: the predictions mapped back to the old classes (a new class into the class its raw
+label values belonged to, e.g. tumour into liver) against the same test labels read with the old
+``label_map`` -- what the grown model does on the task it was trained for before, to set beside that
+model's own row. The mapped predictions go to ``<results_dir>/eval/<mode>/<task>_as_<domain>/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
 
 from models.loading import build_model_from_checkpoint
 from models.params import parameter_counts
 from utils.checkpoint import best_checkpoints, load_checkpoint
-from utils.io_utils import atomic_write_csv
+from utils.io_utils import atomic_write_csv, atomic_write_image
 from utils.metrics import evaluate_folder
 
 FIELDS = ("mode", "task", "class", "class_name", "dice", "hd95_mm", "num_cases", "params", "task_params")
@@ -70,6 +80,7 @@ def evaluate_mode(
                 csv_path=results_dir / "eval" / mode / f"{name}.csv",
             )
             names = plans.get("labels") or {}
+            task_params = own if own is not None else counts.per_task[t]
             for c in range(1, int(plans["num_classes"])):
                 rows.append(
                     {
@@ -81,10 +92,77 @@ def evaluate_mode(
                         "hd95_mm": float(means[f"hd95_{c}"]),
                         "num_cases": len(case_rows),
                         "params": counts.total,
-                        "task_params": own if own is not None else counts.per_task[t],
+                        "task_params": task_params,
                     }
                 )
+            ext = (train_state.get("config") or {}).get("extension") or {}
+            if ext.get("kind") == "new_classes" and int(ext.get("index", -1)) == t:
+                rows += _old_label_set_rows(
+                    mode, ext, plans, pred_dir, label_dir, results_dir, counts.total, task_params
+                )
     return rows
+
+
+def old_class_of_new(new_plans: Mapping[str, Any], old_label_map: Mapping[str, Any]) -> dict[int, int]:
+    """The class of a grown domain's OLD label set that each class of its new one falls into: through the
+    raw label values (new class c holds raw values R; it was old class ``old_label_map[min(R)]``, 0 for a
+    raw value the old set did not list)."""
+    raw_of: dict[int, list[int]] = {}
+    for raw, c in (new_plans.get("label_map") or {}).items():
+        raw_of.setdefault(int(c), []).append(int(raw))
+    old = {int(k): int(v) for k, v in old_label_map.items()}
+    return {c: old.get(min(raws), 0) for c, raws in raw_of.items()}
+
+
+def _old_label_set_rows(
+    mode: str,
+    ext: Mapping[str, Any],
+    new_plans: Mapping[str, Any],
+    pred_dir: Path,
+    label_dir: Path,
+    results_dir: Path,
+    params: int,
+    task_params: int,
+) -> list[dict[str, Any]]:
+    """A grown domain scored on its OLD label set (``ext``: the run's ``extension``): its predictions mapped
+    back to the old classes (:func:`old_class_of_new`, e.g. tumour -> liver when the tumour was fused into
+    the liver) against the same test labels read with the old ``label_map``; one row per old foreground
+    class, task = the domain's old name, to compare with the model it grew from."""
+    mapping = old_class_of_new(new_plans, ext["old_label_map"])
+    lut = np.zeros(max(mapping) + 1, dtype=np.uint8)
+    for c, old in mapping.items():
+        lut[c] = old
+    mapped_dir = results_dir / "eval" / mode / f"{ext['task']}_as_{ext['domain']}"
+    for f in sorted(pred_dir.iterdir()):
+        if not f.name.endswith((".nii.gz", ".nii")) or f.name.startswith("."):
+            continue  # what evaluate_folder reads
+        img = sitk.ReadImage(str(f))
+        out = sitk.GetImageFromArray(lut[np.clip(sitk.GetArrayFromImage(img), 0, len(lut) - 1)])
+        out.CopyInformation(img)
+        atomic_write_image(out, mapped_dir / f.name)
+    k_old = int(ext["classes_before"])
+    case_rows, means = evaluate_folder(
+        mapped_dir,
+        label_dir,
+        k_old,
+        label_map=ext["old_label_map"],
+        csv_path=results_dir / "eval" / mode / f"{ext['domain']}.csv",
+    )
+    names = ext.get("old_labels") or {}
+    return [
+        {
+            "mode": mode,
+            "task": ext["domain"],
+            "class": c,
+            "class_name": names.get(str(c), f"class{c}"),
+            "dice": float(means[f"dice_{c}"]),
+            "hd95_mm": float(means[f"hd95_{c}"]),
+            "num_cases": len(case_rows),
+            "params": params,
+            "task_params": task_params,
+        }
+        for c in range(1, k_old)
+    ]
 
 
 def format_table(rows: Sequence[dict]) -> str:

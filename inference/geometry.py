@@ -2,9 +2,21 @@
 
 The preprocessed arrays of a case live in a cropped, resampled grid (see ``docs/formats.md``):
 the original image was cropped to ``crop_box`` (half-open, original voxel indices, (z, y, x)) and
-the crop resampled to ``resampled_shape``. Undoing that for a label map means
+the crop resampled to ``resampled_shape`` on the sidecar's ``resample_grid``. Undoing that for a
+label map means
 
-1. nearest-neighbour resize of the (z, y, x) label map to the crop box size,
+1. nearest-neighbour resampling of the (z, y, x) label map to the crop box size, the inverse of the
+   grid the case was made on:
+
+   * ``"original"`` (the original's ``resample2fixedSize``): SimpleITK nearest neighbour from a
+     grid of the target spacing to one of the original spacing (neither rounded), both at the
+     image file's origin and direction: crop voxel ``i`` takes label voxel
+     ``floor(i * original_spacing / target_spacing + 0.5)`` (ties decided by SimpleITK's
+     floating point in physical coordinates, hence the same origin and direction), 0 beyond the
+     label map;
+   * ``"centred"`` (sidecars without ``resample_grid`` too): voxel centres aligned,
+     :func:`utils.preprocessing.resize_nearest`;
+
 2. pasting it into a zero volume of ``original_shape``,
 3. writing it with the original spacing, origin and direction (from the sidecar).
 """
@@ -19,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from utils.io_utils import atomic_write_nifti
-from utils.preprocessing import resize_nearest
+from utils.preprocessing import resample_grid_of, resize_nearest
 
 
 def restore_to_original(label: np.ndarray, sidecar: Mapping[str, Any]) -> np.ndarray:
@@ -27,7 +39,9 @@ def restore_to_original(label: np.ndarray, sidecar: Mapping[str, Any]) -> np.nda
 
     Args:
         label: (z, y, x) label map in the preprocessed grid (``resampled_shape``).
-        sidecar: the case sidecar dict (keys ``original_shape``, ``crop_box``).
+        sidecar: the case sidecar dict (keys ``original_shape``, ``crop_box``, ``resample_grid``;
+            for the original grid also ``target_spacing``, ``original_spacing_xyz``,
+            ``origin_xyz``, ``direction``).
 
     Returns:
         uint8 (z, y, x) label map of ``original_shape``; zero outside the crop box.
@@ -45,11 +59,42 @@ def restore_to_original(label: np.ndarray, sidecar: Mapping[str, Any]) -> np.nda
         raise ValueError(f"label map must be (z, y, x), got shape {label.shape}")
     if label.size and (label.min() < 0 or label.max() > 255):
         raise ValueError("label values must be in 0..255 to be written as uint8")
+    label = label.astype(np.uint8, copy=False)
+    if resample_grid_of(sidecar) == "original":
+        crop = resample_to_crop(label, sidecar, crop_shape)
+    else:
+        crop = resize_nearest(label, crop_shape)
     out = np.zeros(original_shape, dtype=np.uint8)
-    out[box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]] = resize_nearest(
-        label.astype(np.uint8, copy=False), crop_shape
-    )
+    out[box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]] = crop
     return out
+
+
+def resample_to_crop(
+    label: np.ndarray, sidecar: Mapping[str, Any], crop_shape: tuple[int, ...]
+) -> np.ndarray:
+    """The original grid's way back: a (z, y, x) label map of the target spacing resampled (nearest,
+    SimpleITK) to ``crop_shape`` voxels of the original spacing, both grids at the image file's
+    origin and direction, 0 beyond the label map. Returns uint8 ``crop_shape``."""
+    spacing, origin, direction = _geometry_3d(sidecar)
+    target_xyz = [float(s) for s in sidecar["target_spacing"]][::-1]
+    if len(target_xyz) != 3:
+        raise ValueError(f"sidecar target_spacing must hold 3 values, got {sidecar['target_spacing']!r}")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(label, dtype=np.uint8))
+    image.SetOrigin(origin)
+    image.SetSpacing(target_xyz)
+    image.SetDirection(direction)
+    out = sitk.Resample(
+        image,
+        [int(s) for s in crop_shape[::-1]],
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        origin,
+        spacing,
+        direction,
+        0.0,
+        sitk.sitkUInt8,
+    )
+    return sitk.GetArrayFromImage(out)
 
 
 def _geometry_3d(sidecar: Mapping[str, Any]) -> tuple[list[float], list[float], list[float]]:

@@ -8,11 +8,15 @@ segments:
   (:func:`inference.sliding_window.infer_case`, with the unified-patch resize when the model patch
   differs from the task patch), then post-processing (:func:`inference.postprocess.postprocess`);
 * a preprocessed case on disk (:meth:`Segmenter.segment_prepared_case`, validation);
-* a raw NIfTI image (:meth:`Segmenter.segment_file`): the task's preprocessing from its plans
+* a raw image (:meth:`Segmenter.segment_file`: a NIfTI, MetaImage or NRRD file, nnU-Net channel
+  files or a DICOM series folder): the task's preprocessing from its plans
   (:func:`utils.preprocessing.preprocess_image`), the above, and the label map put back into the
-  original geometry as a uint8 NIfTI (:func:`inference.geometry.write_label_nifti`);
-* files and folders (:meth:`Segmenter.predict_files`): a bad input is reported by name and skipped,
-  the others are still segmented.
+  original geometry as a uint8 image of the output's format (:func:`inference.geometry.write_label_nifti`,
+  which writes the format its suffix names)
+  or a DICOM Segmentation (:func:`inference.dicom.write_dicom_seg`);
+* files and folders (:meth:`Segmenter.predict_files`, cases found by :func:`inference.inputs.collect_cases`):
+  a bad input is reported by name and skipped, the others are still segmented; DICOM inputs are listed
+  in ``cases.csv`` beside the outputs.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference.geometry import write_label_nifti
+from inference.dicom import highdicom_problem, write_dicom_seg
+from inference.geometry import restore_to_original, write_label_nifti
+from inference.inputs import InputCase, collect_cases, output_format_problem
 from inference.postprocess import postprocess
 from inference.settings import InferenceSettings
 from inference.sliding_window import NetworkFn, infer_case
@@ -36,20 +42,32 @@ from models.loading import build_model_from_checkpoint
 from models.runtime import resolve_device
 from models.unet import U2Net3D
 from utils.checkpoint import choose_task, load_checkpoint
-from utils.decathlon import DataError
-from utils.io_utils import DiskFullError, check_writable_folder, remove_stale_temporaries
+from utils.decathlon import DataError, ImageSource
+from utils.dicom_series import DicomSeries
+from utils.io_utils import DiskFullError, atomic_write_csv, check_writable_folder, remove_stale_temporaries
 from utils.preprocessing import preprocess_image
 from utils.triples import Int3, int3
 
 __all__ = [
+    "CASES_CSV",
     "PredictReport",
     "Segmenter",
     "TaskModel",
-    "collect_inputs",
-    "output_name",
+    "collect_cases",
 ]
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: the table of DICOM inputs written beside their outputs (output file -> series)
+CASES_CSV = "cases.csv"
+CASES_COLUMNS = [
+    "output",
+    "status",
+    "series_uid",
+    "series_description",
+    "modality",
+    "files",
+    "folder",
+    "reason",
+]
 
 
 @dataclass
@@ -64,6 +82,7 @@ class TaskModel:
         task_name: e.g. ``Task04_Hippocampus``.
         plans: the task's plans (patch, classes, post-processing, preprocessing).
         model_patch: the shared/universal model patch, or None (independent models).
+        model_file: the checkpoint's file name (recorded in DICOM Segmentations), "" when unknown.
     """
 
     model: U2Net3D | NetworkFn
@@ -71,6 +90,7 @@ class TaskModel:
     task_name: str
     plans: dict[str, Any]
     model_patch: Int3 | None = None
+    model_file: str = ""
 
     @property
     def task_patch(self) -> Int3:
@@ -103,7 +123,7 @@ class TaskModel:
                 f"{plans['num_classes']} classes, the model has {num_classes}"
             )
         mp = ckpt.get("model_patch")
-        return cls(model, idx, task, plans, int3(mp) if mp is not None else None)
+        return cls(model, idx, task, plans, int3(mp) if mp is not None else None, Path(ckpt_path).name)
 
 
 @dataclass
@@ -118,52 +138,6 @@ class PredictReport:
     @property
     def ok(self) -> bool:
         return not self.failed
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
-
-
-def output_name(path: str | os.PathLike[str]) -> str:
-    """The output file name of an input: the same file name."""
-    return Path(path).name
-
-
-def collect_inputs(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Expand folders (their ``*.nii.gz`` / ``*.nii`` files, hidden ``._*`` files skipped, sorted)
-    and keep files as given.
-
-    Returns:
-        (images to segment, problems ``(path, reason)``: missing paths, folders without images,
-        non-NIfTI files, two inputs with the same file name).
-    """
-    files: list[Path] = []
-    problems: list[tuple[Path, str]] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and _is_nifti(q))
-            if not found:
-                problems.append((p, "folder holds no .nii.gz / .nii images"))
-            files.extend(found)
-        elif p.is_file():
-            if p.name.endswith(NIFTI_SUFFIXES):
-                files.append(p)
-            else:
-                problems.append((p, "not a NIfTI file (.nii.gz or .nii)"))
-        else:
-            problems.append((p, "no such file or folder"))
-    seen: dict[str, Path] = {}
-    unique: list[Path] = []
-    for f in files:
-        name = output_name(f)
-        if name in seen:
-            if seen[name].resolve() != f.resolve():
-                problems.append((f, f"same file name as {seen[name]}; outputs would overwrite each other"))
-            continue
-        seen[name] = f
-        unique.append(f)
-    return unique, problems
 
 
 class Segmenter:
@@ -203,7 +177,13 @@ class Segmenter:
             num_classes=t.num_classes,
         )
         if self.settings.postprocess:
-            label = postprocess(label, t.plans, weight)
+            label = postprocess(
+                label,
+                t.plans,
+                weight,
+                closing_border=self.settings.closing_border,
+                weight_mask=self.settings.weight_mask,
+            )
         return label
 
     def probabilities(self, image: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -229,9 +209,20 @@ class Segmenter:
         return self.segment_array(image, weight)
 
     def segment_file(
-        self, image_path: str | os.PathLike[str], out_path: str | os.PathLike[str]
+        self,
+        image_path: ImageSource,
+        out_path: str | os.PathLike[str],
+        *,
+        series: DicomSeries | None = None,
     ) -> np.ndarray:
-        """Preprocess, segment, post-process one raw NIfTI image and write its label map.
+        """Preprocess, segment, post-process one raw image and write its label map.
+
+        Args:
+            image_path: an image file, the channel files of one case, or a folder holding one DICOM
+                series (:func:`utils.decathlon.read_image`).
+            out_path: the output; its suffix picks the format (``.nii.gz``/``.nii``, ``.mha``, ``.nrrd``;
+                ``.dcm``: a DICOM Segmentation of ``series``).
+            series: the DICOM series of ``image_path`` (needed for ``.dcm`` outputs).
 
         Returns:
             the uint8 (z, y, x) label map as written (original shape).
@@ -245,7 +236,15 @@ class Segmenter:
         del image_np
         label = self.segment_array(image, weight)
         del image
-        return write_label_nifti(label, sidecar, out_path)
+        if str(out_path).lower().endswith(".dcm"):
+            if series is None:
+                raise ValueError("a DICOM Segmentation needs the source DICOM series")
+            full = restore_to_original(label, sidecar)
+            write_dicom_seg(
+                full, series, self.task.plans, out_path, task=self.task.task_name, model=self.task.model_file
+            )
+            return full
+        return write_label_nifti(label, sidecar, out_path)  # SimpleITK writes the format of the suffix
 
     def predict_files(
         self,
@@ -254,8 +253,14 @@ class Segmenter:
         *,
         log: Callable[[str], None] | None = None,
         skip_existing: bool = False,
+        output_format: str | None = None,
     ) -> PredictReport:
-        """Segment every input image into ``output_dir`` (same file names), going on after failures.
+        """Segment every input case into ``output_dir``, going on after failures.
+
+        Inputs become cases as :func:`inference.inputs.collect_cases` says (image files, nnU-Net channel
+        files of one case, DICOM series folders); each output is named after its case in the input's
+        format, or in ``output_format``. DICOM cases are listed in ``output_dir/cases.csv`` (output file,
+        status, series UID, description, modality, file count, folder, reason).
 
         Outputs are written atomically, so an existing output is always complete: with
         ``skip_existing`` a rerun after an interruption only segments what is missing. Temporary
@@ -263,10 +268,12 @@ class Segmenter:
         the remaining inputs are reported as not done (each would fail the same way).
 
         Args:
-            inputs: files and/or folders of NIfTI images.
+            inputs: files and/or folders (of images, of DICOM series).
             output_dir: created if missing; an output may not overwrite its input.
             log: where failure messages go (default: ``tqdm.write`` to stderr).
             skip_existing: keep outputs that already exist (``report.skipped``) instead of redoing them.
+            output_format: ``"nifti"``, ``"mha"``, ``"nrrd"`` or ``"dicom-seg"`` (DICOM inputs only);
+                None: each input's own format (NIfTI for DICOM series).
 
         Raises:
             OSError: ``output_dir`` cannot be created or written (the message says which and why).
@@ -278,41 +285,75 @@ class Segmenter:
             else:
                 tqdm.write(msg, file=sys.stderr)
 
+        def _fail(case: InputCase, path: Path, why: str, *, quiet: bool = False) -> None:
+            report.failed.append((path, why))
+            status[case.name] = ("failed", why)
+            if not quiet:
+                _log(f"FAILED {path}: {why}")
+
         out_dir = check_writable_folder(output_dir)
         remove_stale_temporaries(out_dir)  # partial outputs of a killed run (never those of a live one)
-        files, problems = collect_inputs(inputs)
+        cases, problems = collect_cases(inputs, len(self.task.plans["modalities"]), output_format)
         report = PredictReport()
+        status: dict[str, tuple[str, str]] = {}
         for path, why in problems:
             report.failed.append((path, why))
             _log(f"FAILED {path}: {why}")
-        if skip_existing:
-            report.skipped = [out_dir / output_name(f) for f in files if (out_dir / output_name(f)).is_file()]
-            files = [f for f in files if not (out_dir / output_name(f)).is_file()]
+        todo: list[InputCase] = []
+        no_seg = highdicom_problem() if output_format == "dicom-seg" else None
+        for case in cases:
+            refused = output_format_problem(case, output_format) or no_seg
+            if refused:
+                _fail(case, case.path, refused)
+            elif skip_existing and (out_dir / case.output_name(output_format)).is_file():
+                report.skipped.append(out_dir / case.output_name(output_format))
+                status[case.name] = ("kept", "")
+            else:
+                todo.append(case)
         bar = tqdm(
-            files,
+            todo,
             desc=f"segmenting ({self.task.task_name})",
             unit="image",
             disable=not self.settings.progress,
         )
-        for i, path in enumerate(bar):
-            bar.set_postfix_str(path.name)
-            target = out_dir / output_name(path)
+        for i, case in enumerate(bar):
+            bar.set_postfix_str(case.output_name(output_format))
+            target = out_dir / case.output_name(output_format)
             try:
-                if target.resolve() == path.resolve():
+                if case.kind != "dicom" and any(
+                    target.resolve() == p.resolve()
+                    for p in ([case.path] if case.kind == "file" else case.source)
+                ):
                     raise ValueError("output would overwrite the input; choose another --output folder")
-                self.segment_file(path, target)
+                self.segment_file(case.source, target, series=case.series)
                 report.written.append(target)
+                status[case.name] = ("written", "")
             except DiskFullError as e:  # the others would fail the same way, after their segmentation
-                report.failed.append((path, str(e)))
-                _log(f"FAILED {path}: {e}")
-                for rest in files[i + 1 :]:
-                    report.failed.append((rest, "not done: the disk is full"))
+                _fail(case, case.path, str(e))
+                for rest in todo[i + 1 :]:
+                    _fail(rest, rest.path, "not done: the disk is full", quiet=True)
                 break
             except Exception as e:  # report the case by name, go on with the others
                 if isinstance(e, DataError):
-                    reason = e.reason
+                    path, reason = Path(e.path), e.reason
                 else:
-                    reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                report.failed.append((path, reason))
-                _log(f"FAILED {path}: {reason}")
+                    path, reason = case.path, (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+                _fail(case, path, reason)
+        dicom = [c for c in cases if c.series is not None]
+        if dicom:  # which output is which series
+            rows = [
+                {
+                    "output": c.output_name(output_format),
+                    "status": status.get(c.name, ("failed", ""))[0],
+                    "series_uid": c.series.uid,
+                    "series_description": c.series.description,
+                    "modality": c.series.modality,
+                    "files": c.series.n_files,
+                    "folder": str(c.series.folder),
+                    "reason": status.get(c.name, ("", ""))[1],
+                }
+                for c in dicom
+                if c.series is not None
+            ]
+            atomic_write_csv(out_dir / CASES_CSV, CASES_COLUMNS, rows)
         return report

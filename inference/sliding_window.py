@@ -2,20 +2,27 @@
 
 A *network function* is any callable ``f(x, task_idx) -> logits`` with ``x`` of shape
 (N, M, pz, py, px) and logits of shape (N, C, pz, py, px), e.g. a model from
-``models.build_model`` (``model(x, task_idx)``). It must already live on the settings' device and be
-in eval mode; nothing here moves or changes it. All knobs come in one
+``models.build_model`` (``model(x, task_idx)``); a tuple output counts by its first element (the
+original's universal model returned ``(logits, share_map, para_map)``). It must already live on the
+settings' device and be in eval mode; nothing here moves or changes it. All knobs come in one
 :class:`inference.settings.InferenceSettings`.
 
-What happens (``docs/paper_preset.md``, "Inference and evaluation"):
+What happens by default (the original's ``batch_segmentation``; ``docs/paper_preset.md``, "Inference
+and evaluation"):
 
-* the (M, z, y, x) volume is zero-padded (symmetrically) to at least the patch size,
-* patches start every ``step_fraction * patch`` voxels per axis (half a patch by default), the
-  last one flush with the end of the volume,
-* each patch's logits (``blend="logits"``, the original) or softmax probabilities are multiplied
-  by a patch weight map (``"linear"``: 1 at the centre, falling linearly with the Euclidean
-  distance to ~0 at the corners; ``"gaussian"``; ``"constant"``), and summed into an accumulator
-  that lives on the CPU (or ``accum_device``), so a large CT never needs the whole class map on
-  the GPU,
+* a volume smaller than the patch along an axis is zero-padded by ceil(shortfall / 2) on both sides
+  (``pad_mode="ceil_both"``; it may end one voxel larger than the patch) and cropped back at the end,
+* window centres run from ``patch // 2`` every ``step`` voxels (``step_fraction * patch``, half a
+  patch) while the window starts inside the volume, each clipped to ``size - patch // 2``
+  (``window_count="original"``): the last window along an axis is visited twice, so the border
+  windows count twice and the corner windows up to eight times; with an odd patch the last window
+  reaches one voxel past the end (zeros). Each distinct window is run once and its weighted scores
+  multiplied by its multiplicity (the same sum, without the repeated forward passes),
+* each window's logits (``blend="logits"``, the original) or softmax probabilities are multiplied
+  by a patch weight map (``"linear"``: 1 at voxel ``patch // 2``, falling linearly with the
+  Euclidean distance to ~0 at the first corner; ``"linear_symmetric"``, ``"gaussian"``,
+  ``"constant"``), and summed into an accumulator (float64 by default, as the original's) that
+  lives on the CPU (or ``accum_device``), so a large CT never needs the whole class map on the GPU,
 * the label map is the argmax of the sum (the per-voxel weight sum is common to all classes, so
   the label path never divides); probabilities are the softmax of sum / sum of weights (logits) or
   sum / sum of weights itself (probabilities),
@@ -24,10 +31,12 @@ What happens (``docs/paper_preset.md``, "Inference and evaluation"):
 Shared/universal models use one model patch for every task. :func:`infer_case` bridges the task
 patch and the model patch in one of two ways:
 
-* ``unified_mode="volume"`` (the paper, default): the whole volume is scaled by
-  model_patch / task_patch per axis (cubic, the same resize as training's; ``volume_resize`` may
-  choose trilinear), segmented with the model patch, and the label map scaled back to the original
-  shape with nearest neighbour (probabilities: trilinear).
+* ``unified_mode="volume"`` (the paper, default): the volume is padded to the task patch as above,
+  scaled to ``int(size * model_patch / task_patch)`` per axis (``volume_scaling="pad_floor"``; cubic,
+  the same resize as training's; ``volume_resize`` may choose trilinear), segmented with the model
+  patch (a scaled axis shorter than the model patch is covered by windows reaching past it, zeros),
+  the label map scaled back to the padded shape with nearest neighbour (probabilities: trilinear)
+  and the padding cropped. ``volume_scaling="round"``: no padding first, ``round(...)``.
 * ``unified_mode="patch"``: the sliding window runs with the task patch on the original volume and
   each patch batch is resized to the model patch before the network and its logits resized back
   (:class:`ResizingNetwork`).
@@ -45,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from inference.settings import InferenceSettings, WeightMode
+from inference.settings import InferenceSettings, PadMode, VolumeScaling, WeightMode, WindowCount
 from models.runtime import amp_dtype, autocast
 from utils.preprocessing import resize_image, resize_nearest
 
@@ -59,8 +68,12 @@ __all__ = [
     "pad_to_patch",
     "patch_starts",
     "patch_weight_map",
+    "scaled_shape",
     "sliding_window",
+    "window_positions",
 ]
+
+Window = tuple[slice, slice, slice]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,25 +90,39 @@ def patch_weight_map(
 
     Args:
         patch_size: (pz, py, px).
-        mode: ``"linear"`` (docs/paper_preset.md; the original ``calPatchWeights``): with ``d`` the
-            Euclidean distance (in voxels) of a voxel centre to the patch centre,
-            ``w = 1 - (d - d_min) / (d_max - d_min)``, i.e. exactly 1 at the centre voxel(s) and 0
-            at the corners; ``"gaussian"``: ``exp(-sum(((i - c) / (sigma_scale * p))**2) / 2)``
-            scaled to a maximum of 1 (nnU-Net style); ``"constant"``: all ones.
-        eps: floor so that every voxel keeps a strictly positive weight (the corners get ``eps``
-            instead of 0; voxels covered only by a patch corner are still predicted).
+        mode: with ``d`` the Euclidean distance (in voxels) of voxel index ``i`` to a centre ``c``:
+
+            * ``"linear"`` (the original's ``calPatchWeights``): ``c = p / 2`` per axis (voxel
+              ``p // 2`` for an even patch, between two voxels for an odd one),
+              ``w = 1 - (d - d_min) / (d_max - d_min) + 1e-20`` in float64, then float32: 1 at the
+              centre, falling linearly to 1e-20 at the voxel farthest from it (index 0 on every
+              axis); the far corner keeps a small positive weight;
+            * ``"linear_symmetric"``: ``c = (p - 1) / 2`` (symmetric), the same ramp, floored at
+              ``eps`` (0 at all eight corners before the floor);
+            * ``"gaussian"``: ``exp(-sum(((i - c) / (sigma_scale * p))**2) / 2)`` with
+              ``c = (p - 1) / 2``, scaled to a maximum of 1 (nnU-Net style), floored at ``eps``;
+            * ``"constant"``: all ones.
+        eps: floor of ``"linear_symmetric"`` and ``"gaussian"``.
         sigma_scale: Gaussian sigma as a fraction of the patch size per axis.
 
     Returns:
-        float32 array of shape ``patch_size``, values in [eps, 1], maximum exactly 1.
+        float32 array of shape ``patch_size``, values in (0, 1], maximum 1.
     """
     p = [int(s) for s in patch_size]
     if len(p) != 3 or min(p) < 1:
         raise ValueError(f"patch_size must be 3 positive ints, got {patch_size}")
     if mode == "constant":
         return np.ones(p, dtype=np.float32)
-    axes = [np.arange(n, dtype=np.float64) - (n - 1) / 2.0 for n in p]
     if mode == "linear":
+        # the original's float64 operations in its order: (dz^2 + dy^2) + dx^2, sqrt, ramp, + 1e-20
+        axes = [np.arange(n, dtype=np.float64) - n / 2 for n in p]
+        d = np.sqrt(axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2)
+        d_min, d_max = d.min(), d.max()
+        if d_max == d_min:  # a single voxel: the original divides 0 by 0
+            return np.ones(p, dtype=np.float32)
+        return (1.0 - (d - d_min) / (d_max - d_min) + 1e-20).astype(np.float32)
+    axes = [np.arange(n, dtype=np.float64) - (n - 1) / 2.0 for n in p]
+    if mode == "linear_symmetric":
         sq = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
         d = np.sqrt(sq)
         d_min, d_max = d.min(), d.max()
@@ -106,13 +133,15 @@ def patch_weight_map(
         w = g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :]
         w = w / w.max()
     else:
-        raise ValueError(f"unknown weight mode {mode!r}; expected 'linear', 'gaussian' or 'constant'")
+        raise ValueError(
+            f"unknown weight mode {mode!r}; expected 'linear', 'linear_symmetric', 'gaussian' or 'constant'"
+        )
     return np.maximum(w, eps).astype(np.float32)
 
 
 def patch_starts(size: int, patch: int, step: int) -> list[int]:
-    """Start indices of the windows along one axis (``size >= patch``): every ``step`` voxels,
-    the last window flush with the end, no duplicates."""
+    """Start indices of the windows along one axis (``size >= patch``) for ``window_count="once"``:
+    every ``step`` voxels, the last window flush with the end, no duplicates."""
     if size < patch:
         raise ValueError(f"axis of {size} voxels is smaller than the patch ({patch}); pad first")
     if size == patch:
@@ -122,27 +151,99 @@ def patch_starts(size: int, patch: int, step: int) -> list[int]:
     return starts
 
 
+def window_positions(
+    size: int, patch: int, step: int, count: WindowCount = "original"
+) -> list[tuple[int, int]]:
+    """Distinct window starts along one axis and how often each is counted.
+
+    ``count="original"``: the original's loop, centres ``patch // 2, patch // 2 + step, ...`` while
+    below ``size + patch // 2`` (i.e. while the window starts inside the volume), each clipped to
+    ``size - patch // 2``; a window starts ``patch // 2`` before its centre. The clipped centres
+    coincide, so the last window is counted more than once (twice with half-patch steps). A start
+    may be negative (an axis shorter than the patch) and a window may end one voxel past the volume
+    (odd patch): those voxels are zeros. ``count="once"``: :func:`patch_starts` (needs
+    ``size >= patch``), each window once.
+
+    Returns:
+        ``[(start, multiplicity), ...]`` in increasing order of start.
+    """
+    step = max(1, int(step))
+    if count == "once":
+        return [(s, 1) for s in patch_starts(size, patch, step)]
+    if count != "original":
+        raise ValueError(f"unknown window count {count!r}; expected 'original' or 'once'")
+    if size < 1 or patch < 1:
+        raise ValueError(f"size and patch must be positive, got {size} and {patch}")
+    last = size - 2 * (patch // 2)
+    positions: dict[int, int] = {}
+    for k in range(-(-size // step)):  # range(patch//2, size + patch//2, step), as starts
+        start = min(k * step, last)
+        positions[start] = positions.get(start, 0) + 1
+    return sorted(positions.items())
+
+
 def pad_to_patch(
-    image: torch.Tensor, patch_size: Sequence[int]
-) -> tuple[torch.Tensor, tuple[slice, slice, slice]]:
-    """Zero-pad (M, z, y, x) symmetrically to at least ``patch_size`` per axis.
+    image: torch.Tensor, patch_size: Sequence[int], mode: PadMode = "ceil_both"
+) -> tuple[torch.Tensor, Window]:
+    """Zero-pad (M, z, y, x) to at least ``patch_size`` per axis.
+
+    Args:
+        mode: ``"ceil_both"`` (the original's ``pad2gePatch``): an axis short by ``k`` voxels gets
+            ``ceil(k / 2)`` on both sides (``k + 1`` in all when ``k`` is odd); ``"exact"``:
+            ``k // 2`` before and the rest after (exactly the patch).
 
     Returns:
         the padded tensor (the input itself when no padding is needed) and the slices of the
         original region inside it.
     """
     shape = image.shape[1:]
-    pads = [max(0, int(p) - int(s)) for p, s in zip(patch_size, shape, strict=True)]
-    before = [p // 2 for p in pads]
+    short = [max(0, int(p) - int(s)) for p, s in zip(patch_size, shape, strict=True)]
+    if mode == "ceil_both":
+        before = [-(-k // 2) for k in short]
+        after = before
+    elif mode == "exact":
+        before = [k // 2 for k in short]
+        after = [k - b for k, b in zip(short, before, strict=True)]
+    else:
+        raise ValueError(f"unknown pad mode {mode!r}; expected 'ceil_both' or 'exact'")
     z, y, x = (slice(b, b + int(s)) for b, s in zip(before, shape, strict=True))
     region = (z, y, x)
-    if not any(pads):
+    if not any(short):
         return image, region
-    # F.pad takes the last axis first
+    return _pad(image, before, after), region
+
+
+def _pad(image: torch.Tensor, before: Sequence[int], after: Sequence[int]) -> torch.Tensor:
+    """Zero-pad the spatial axes of (M, z, y, x) by ``before``/``after`` voxels per axis."""
     flat: list[int] = []
-    for b, p in zip(reversed(before), reversed(pads), strict=True):
-        flat += [b, p - b]
-    return F.pad(image, flat, mode="constant", value=0.0), region
+    for b, a in zip(reversed(before), reversed(after), strict=True):  # F.pad takes the last axis first
+        flat += [int(b), int(a)]
+    return F.pad(image, flat, mode="constant", value=0.0)
+
+
+def _windows(
+    spatial: Sequence[int], patch: Sequence[int], settings: InferenceSettings
+) -> tuple[list[Window], list[int], list[int], list[int]]:
+    """The distinct windows over a volume of shape ``spatial`` and their multiplicities.
+
+    Returns:
+        (windows in the coordinates of the host grid, multiplicities, padding before, padding
+        after): the host grid is the volume zero-padded so that every window lies inside it.
+    """
+    steps = [max(1, int(math.floor(p * settings.step_fraction))) for p in patch]
+    per_axis = [
+        window_positions(s, p, st, settings.window_count)
+        for s, p, st in zip(spatial, patch, steps, strict=True)
+    ]
+    before = [max(0, -pos[0][0]) for pos in per_axis]
+    after = [max(0, pos[-1][0] + p - s) for pos, p, s in zip(per_axis, patch, spatial, strict=True)]
+    windows: list[Window] = []
+    counts: list[int] = []
+    for (z, cz), (y, cy), (x, cx) in itertools.product(*per_axis):
+        z, y, x = z + before[0], y + before[1], x + before[2]
+        windows.append((slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2])))
+        counts.append(cz * cy * cx)
+    return windows, counts, before, after
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,9 +267,7 @@ def _flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [c for r in range(len(unique) + 1) for c in itertools.combinations(unique, r)]
 
 
-def _batched(
-    items: Sequence[tuple[slice, slice, slice]], n: int
-) -> Iterator[Sequence[tuple[slice, slice, slice]]]:
+def _batched(items: Sequence[int], n: int) -> Iterator[Sequence[int]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
 
@@ -211,10 +310,15 @@ def _accumulate(
     num_classes: int | None,
     *,
     with_norm: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, tuple[slice, slice, slice]]:
-    """Run the window loop. Returns the weighted probability sum (C, Z, Y, X) on the settings'
-    ``accum_device``, the weight sum (Z, Y, X) float32 (or None) and the region of the unpadded
-    volume inside the padded grid (Z, Y, X)."""
+    pad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, Window]:
+    """Run the window loop. Returns the weighted score sum (C, Z, Y, X) on the settings'
+    ``accum_device``, the weight sum (Z, Y, X) float32 (or None) and the region of the input volume
+    inside the (padded) grid (Z, Y, X).
+
+    ``pad``: pad an axis shorter than the patch first (``settings.pad_mode``); without it
+    (the volume mode's scaled case, as the original) the windows reach past the volume (zeros).
+    """
     patch = tuple(int(p) for p in patch_size)
     if len(patch) != 3:
         raise ValueError(f"patch_size must be 3 ints (z, y, x), got {patch_size}")
@@ -222,40 +326,52 @@ def _accumulate(
     img = _to_tensor(image)
     if img.ndim != 4:
         raise ValueError(f"image must be (M, z, y, x), got shape {tuple(img.shape)}")
-    img, region = pad_to_patch(img, patch)
+    shape = tuple(int(s) for s in img.shape[1:])
+    region: Window = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+    if pad or (settings.window_count == "once" and any(s < p for s, p in zip(shape, patch, strict=True))):
+        img, region = pad_to_patch(img, patch, settings.pad_mode)
+    windows, counts, before, after = _windows(tuple(img.shape[1:]), patch, settings)
+    if any(before) or any(after):  # windows that reach past the volume see zeros there
+        img = _pad(img, before, after)
+        zs, ys, xs = (slice(r.start + b, r.stop + b) for r, b in zip(region, before, strict=True))
+        region = (zs, ys, xs)
     spatial = tuple(img.shape[1:])
     dev = torch.device(settings.device)
     acc_dev = torch.device(settings.accum_device)
     dtype = amp_dtype(settings.amp, dev)
+    # the scores travel to the accumulator in float32 (float16 for a float16 accumulator) and are
+    # added there (a float64 accumulator promotes them, as the original added float32 into float64)
+    move_dtype = torch.float16 if accum_dtype == torch.float16 else torch.float32
 
-    steps = [max(1, int(math.floor(p * settings.step_fraction))) for p in patch]
-    starts = [patch_starts(s, p, st) for s, p, st in zip(spatial, patch, steps, strict=True)]
-    windows = [
-        (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
-        for z, y, x in itertools.product(*starts)
-    ]
     w_np = patch_weight_map(patch, settings.weight_mode)
+    if accum_dtype == torch.float16:
+        # the linear map's ~1e-20 corner would vanish in float16 (a volume corner covered only by a
+        # window corner would lose its scores): keep every weight representable
+        w_np = np.maximum(w_np, np.float32(1e-3))
     w_dev = torch.from_numpy(w_np).to(dev)[None, None]  # (1, 1, pz, py, px)
     w_acc = torch.from_numpy(w_np).to(acc_dev)
     flips = _flip_sets(settings.mirror_axes) if settings.mirror_tta else [()]
+    repeated = any(c != 1 for c in counts)
+    counts_dev = torch.tensor(counts, dtype=torch.float32, device=dev) if repeated else None
 
     acc: torch.Tensor | None = None
     if num_classes is not None:
         acc = torch.zeros((num_classes, *spatial), dtype=accum_dtype, device=acc_dev)
     norm = torch.zeros(spatial, dtype=torch.float32, device=acc_dev) if with_norm else None
 
-    def add(probs_acc: torch.Tensor, batch: Sequence[tuple[slice, slice, slice]]) -> None:
+    def add(probs_acc: torch.Tensor, batch: Sequence[int]) -> None:
         assert acc is not None
-        for i, w in enumerate(batch):
+        for i, k in enumerate(batch):
+            w = windows[k]
             acc[(slice(None), *w)] += probs_acc[i]
             if norm is not None:
-                norm[w] += w_acc
+                norm[w] += w_acc if counts[k] == 1 else w_acc * counts[k]
 
-    # GPU model, CPU accumulator: copy each batch's probabilities into one of two pinned buffers
+    # GPU model, CPU accumulator: copy each batch's scores into one of two pinned buffers
     # asynchronously and add the *previous* batch on the CPU while the GPU computes this one.
     pipelined = dev.type == "cuda" and acc_dev.type == "cpu"
     pinned: list[torch.Tensor] = []
-    pending: tuple[torch.Tensor, Sequence[tuple[slice, slice, slice]], torch.cuda.Event] | None = None
+    pending: tuple[torch.Tensor, Sequence[int], torch.cuda.Event] | None = None
 
     pbar = (
         tqdm(total=len(windows), desc="sliding window", unit="patch", leave=False)
@@ -263,11 +379,15 @@ def _accumulate(
         else None
     )
     try:
-        for k, batch in enumerate(_batched(windows, batch_size)):
-            x = torch.stack([img[(slice(None), *w)] for w in batch])
+        for j, batch in enumerate(_batched(range(len(windows)), batch_size)):
+            x = torch.stack([img[(slice(None), *windows[k])] for k in batch])
             x = x.to(dev, non_blocking=True)
             probs = _forward_scores(network, x, task_idx, flips, dev, dtype, settings.blend)
             probs.mul_(w_dev)
+            if counts_dev is not None:
+                # a window visited m times adds m times its weighted scores (m a power of two with
+                # half-patch steps: exact in float32)
+                probs.mul_(counts_dev[batch[0] : batch[-1] + 1].view(-1, 1, 1, 1, 1))
             if acc is None:
                 acc = torch.zeros((probs.shape[1], *spatial), dtype=accum_dtype, device=acc_dev)
             elif probs.shape[1] != acc.shape[0]:
@@ -275,10 +395,10 @@ def _accumulate(
             if pipelined:
                 if len(pinned) < 2:
                     pinned.append(
-                        torch.empty((batch_size, *probs.shape[1:]), dtype=accum_dtype, pin_memory=True)
+                        torch.empty((batch_size, *probs.shape[1:]), dtype=move_dtype, pin_memory=True)
                     )
-                buf = pinned[k % 2][: len(batch)]
-                buf.copy_(probs.to(accum_dtype), non_blocking=True)
+                buf = pinned[j % 2][: len(batch)]
+                buf.copy_(probs.to(move_dtype), non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(dev))
                 if pending is not None:
@@ -286,7 +406,7 @@ def _accumulate(
                     add(pending[0], pending[1])
                 pending = (buf, batch, event)
             else:
-                add(probs.to(device=acc_dev, dtype=accum_dtype), batch)
+                add(probs.to(device=acc_dev, dtype=move_dtype), batch)
             if pbar is not None:
                 pbar.update(len(batch))
         if pending is not None:
@@ -343,7 +463,7 @@ def sliding_window(
             already on the device, which saves the per-batch host-to-device copies).
         task_idx: task index passed to the network.
         patch_size: window (pz, py, px).
-        settings: step, weights, TTA, batch, device, AMP, accumulator.
+        settings: step, weights, window count, padding, TTA, batch, device, AMP, accumulator.
         num_classes: C, to allocate the accumulator up front (otherwise taken from the first output).
         output: ``"labels"``: uint8 (z, y, x) argmax of the blended scores (only the (C, Z, Y, X)
             accumulator is needed: no weight-sum volume, no division, argmax in slabs);
@@ -353,9 +473,23 @@ def sliding_window(
     Returns:
         the label map or probabilities at the input's spatial shape.
     """
+    return _sliding_window(network, image, task_idx, patch_size, settings, num_classes, output, pad=True)
+
+
+def _sliding_window(
+    network: NetworkFn,
+    image: np.ndarray | torch.Tensor,
+    task_idx: int,
+    patch_size: Sequence[int],
+    settings: InferenceSettings,
+    num_classes: int | None,
+    output: Output,
+    *,
+    pad: bool,
+) -> np.ndarray:
     want_probs = output == "probabilities"
     acc, norm, region = _accumulate(
-        network, image, task_idx, patch_size, settings, num_classes, with_norm=want_probs
+        network, image, task_idx, patch_size, settings, num_classes, with_norm=want_probs, pad=pad
     )
     if not want_probs:
         return _argmax_chunked(acc, region)
@@ -385,7 +519,8 @@ def infer_case(
         image: (M, z, y, x) preprocessed case.
         task_patch: the task's patch (pz, py, px) from its plans.
         settings: see :class:`InferenceSettings`; ``unified_mode`` picks how a model patch that
-            differs from the task patch is bridged (module docstring).
+            differs from the task patch is bridged, ``volume_scaling`` how the volume mode sizes the
+            scaled case (module docstring).
         model_patch: the model's patch (shared/universal: 128³ in the paper preset); None or equal
             to ``task_patch`` for independent models.
         num_classes, output: as in :func:`sliding_window`.
@@ -403,17 +538,37 @@ def infer_case(
             wrapped, image, task_idx, task_patch, settings, num_classes=num_classes, output=output
         )
     shape = tuple(int(s) for s in image.shape[1:])
-    scaled = _resize_image(image, _scaled_shape(shape, task_patch, model_patch), settings.volume_resize)
-    result = sliding_window(
-        network, scaled, task_idx, model_patch, settings, num_classes=num_classes, output=output
+    if settings.volume_scaling == "pad_floor":
+        # the original: pad to the task patch, scale by int(), segment the scaled case without
+        # padding it again, labels back to the padded shape, crop
+        padded, region = pad_to_patch(_to_tensor(image), task_patch, settings.pad_mode)
+        grid = tuple(int(s) for s in padded.shape[1:])
+        source: np.ndarray | torch.Tensor = padded
+    else:
+        region = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+        grid, source = shape, image
+    scaled_to = scaled_shape(grid, task_patch, model_patch, settings.volume_scaling)
+    scaled = _resize_image(source, scaled_to, settings.volume_resize)
+    del source
+    result = _sliding_window(
+        network,
+        scaled,
+        task_idx,
+        model_patch,
+        settings,
+        num_classes,
+        output,
+        pad=settings.volume_scaling == "round",
     )
     del scaled
     if output == "labels":
-        return resize_nearest(result, shape)
+        labels = resize_nearest(result, grid)
+        return labels if grid == shape else np.ascontiguousarray(labels[region])
     out = np.empty((result.shape[0], *shape), dtype=np.float32)
     for c in range(result.shape[0]):
         pc = torch.from_numpy(result[c])[None, None]
-        out[c] = F.interpolate(pc, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+        up = F.interpolate(pc, size=grid, mode="trilinear", align_corners=False)[0, 0]
+        out[c] = up[region].numpy()
     return out
 
 
@@ -446,9 +601,20 @@ class ResizingNetwork:
         return out
 
 
-def _scaled_shape(
-    shape: Sequence[int], task_patch: Sequence[int], model_patch: Sequence[int]
+def scaled_shape(
+    shape: Sequence[int],
+    task_patch: Sequence[int],
+    model_patch: Sequence[int],
+    rounding: VolumeScaling = "pad_floor",
 ) -> tuple[int, ...]:
+    """Shape of a case of ``shape`` scaled by model_patch / task_patch per axis: ``"pad_floor"``
+    (the original) ``int(s * (m / t))`` in exactly that float arithmetic (e.g. ``49 * (128 / 49)`` is
+    127.99999999999999, so 127), ``"round"`` ``round(s * m / t)``; at least 1."""
+    if rounding == "pad_floor":
+        return tuple(
+            max(1, int(int(s) * (int(m) / int(t))))
+            for s, t, m in zip(shape, task_patch, model_patch, strict=True)
+        )
     return tuple(
         max(1, int(round(s * m / t))) for s, t, m in zip(shape, task_patch, model_patch, strict=True)
     )

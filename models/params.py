@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from models.blocks import DecoderBlock, EncoderBlock
+from models.blocks import ClassHeads, DecoderBlock, EncoderBlock
 from models.norms import TaskModuleList
 
 
@@ -71,6 +71,38 @@ def freeze_for_task(model: nn.Module, task_idx: int) -> list[str]:
     if not 0 <= task_idx < len(split.per_task):
         raise IndexError(f"task_idx {task_idx} out of range: the model has {len(split.per_task)} task(s)")
     trainable = set(split.per_task[task_idx])
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    return sorted(trainable)
+
+
+#: what trains when a domain's label set grows (:func:`freeze_for_new_classes`)
+NEW_CLASS_SCOPES = ("domain", "heads")
+
+
+def class_head_parameters(model: nn.Module, task_idx: int) -> list[str]:
+    """Names of task ``task_idx``'s class-head parameters (deep-supervision and output heads)."""
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, ClassHeads):
+            for name, _ in module.heads[task_idx].named_parameters():
+                names.append(f"{prefix}.heads.{task_idx}.{name}")
+    return names
+
+
+def freeze_for_new_classes(model: nn.Module, task_idx: int, scope: str = "domain") -> list[str]:
+    """Train what a grown label set of task ``task_idx`` needs; everything else gets ``requires_grad=False``.
+
+    ``scope``: ``"domain"`` = all of the task's own parameters (adapters, norms, heads: as
+    :func:`freeze_for_task`); ``"heads"`` = only its class heads (deep supervision and output, old and
+    new channels). Either way every other task's parameters and the shared ones stay still, so the
+    other tasks' outputs cannot change. Returns the trainable names.
+    """
+    if scope == "domain":
+        return freeze_for_task(model, task_idx)
+    if scope not in NEW_CLASS_SCOPES:
+        raise ValueError(f"scope must be one of {NEW_CLASS_SCOPES}, got {scope!r}")
+    trainable = set(class_head_parameters(model, task_idx))
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
     return sorted(trainable)

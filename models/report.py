@@ -130,9 +130,19 @@ def format_report(
 
 
 def parameter_report(
-    model: U2Net3D, task_names: Sequence[str], new_task: int | None = None
+    model: U2Net3D,
+    task_names: Sequence[str],
+    new_task: int | None = None,
+    *,
+    extension: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Parameter counts: total, shared, per task, trainable and (adaptation) what the new domain cost."""
+    """Parameter counts: total, shared, per task, trainable and what a ``--ckp`` run added.
+
+    Args:
+        new_task: the index of a new domain (its cost is reported).
+        extension: what the run added (``training.setup``: ``kind`` ``"new_domain"`` with its warm
+            start, or ``"new_classes"`` with the grown domain, its added classes and parameters).
+    """
     counts = parameter_counts(model)
     per_task = counts.per_task
     report: dict[str, Any] = {
@@ -149,6 +159,8 @@ def parameter_report(
         report["new_task"] = task_names[new_task]
         report["new_task_params"] = cost
         report["new_task_fraction_of_old_model"] = cost / old_total if old_total else float("nan")
+    if extension is not None:
+        report["extension"] = dict(extension)
     return report
 
 
@@ -164,5 +176,21 @@ def format_parameter_report(report: Mapping[str, Any]) -> str:
         lines.append(
             f"  new domain {report['new_task']} cost {report['new_task_params']:,} parameters "
             f"({100 * report['new_task_fraction_of_old_model']:.2f}% of the trained model)"
+        )
+    ext = report.get("extension") or {}
+    if ext.get("kind") == "new_domain":
+        start = "fresh" if ext.get("init_from") is None else f"copied from {ext['init_from']}"
+        lines.append(f"  new domain's own parameters start {start}: {ext.get('init_how', '')}")
+        if ext.get("copied"):
+            lines.append(
+                f"    copied: {', '.join(ext['copied'])}; fresh: {', '.join(ext.get('fresh') or []) or '-'}"
+            )
+    elif ext.get("kind") == "new_classes":
+        added = ", ".join(f"{c} {n}" for c, n in (ext.get("added_classes") or {}).items())
+        renamed = f" (was {ext['domain']})" if ext.get("domain") != ext.get("task") else ""
+        lines.append(
+            f"  domain {ext['task']}{renamed} grew from {ext['classes_before']} to {ext['classes_after']} classes: "
+            f"added {added}; {ext['added_params']:,} parameters added (new class channels of "
+            f"{len(ext.get('grown_heads') or [])} heads); training its {ext['train_scope']} parameters"
         )
     return "\n".join(lines)

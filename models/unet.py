@@ -25,6 +25,8 @@ from models.norms import TaskModuleList
 TRAIN_MODES = ("independent", "shared", "universal")
 ADAPTER_MODULES = ("separable_adapter", "series_adapter", "parallel_adapter")
 DEEP_SUPERVISION_LEVELS = (2, 1)
+#: a new class copied from its parent starts this much below it in logits (:meth:`U2Net3D.add_classes`)
+NEW_CLASS_LOGIT_OFFSET = 1.0
 
 
 @runtime_checkable
@@ -240,13 +242,16 @@ class U2Net3D(nn.Module):
         Args:
             in_channels: the new task's number of modalities.
             num_classes: the new task's number of classes (background included).
-            init_from: copy the per-task norms and adapters of this existing task instead of a fresh
-                initialisation (heads are always fresh).
+            init_from: warm start: copy this existing task's own parameters (:meth:`copy_task_parts`:
+                adapters, norms, the input head when the modality counts match, the class heads when
+                the class counts match); the parts that do not fit start fresh. None: all fresh.
         Returns:
             the new task's index.
         """
         if init_from is not None and not 0 <= init_from < self.num_tasks:
             raise IndexError(f"init_from {init_from} out of range: the model has {self.num_tasks} task(s)")
+        # the order of building and initialising decides the random draws: fixed, so that a seed gives
+        # the same fresh parts as before warm starts existed
         head_lists = set()
         for m in self.modules():
             if isinstance(m, InputHeads):
@@ -257,9 +262,7 @@ class U2Net3D(nn.Module):
                 head_lists.add(id(m.heads))
         for m in list(self.modules()):
             if isinstance(m, TaskModuleList) and id(m) not in head_lists:
-                new = m.add_task(init_from)
-                if init_from is None:
-                    new.apply(_init_weights)
+                m.add_task().apply(_init_weights)
         new_task = self.num_tasks
         for m in self.modules():
             if isinstance(m, (InputHeads, ClassHeads)):
@@ -269,10 +272,96 @@ class U2Net3D(nn.Module):
             in_channels=[*self.config.in_channels, int(in_channels)],
             num_classes=[*self.config.num_classes, int(num_classes)],
         )
+        if init_from is not None:
+            self.copy_task_parts(init_from, new_task)
         # the new modules must live where the old ones do
         ref = next(self.parameters())
         self.to(device=ref.device)
         return new_task
+
+    def task_lists(self) -> list[TaskModuleList]:
+        """Every :class:`TaskModuleList` of the model (heads, norms, adapters), in module order."""
+        return [m for m in self.modules() if isinstance(m, TaskModuleList)]
+
+    def task_parts_alike(self, src: int, dst: int) -> list[str]:
+        """Module names (``name.dst``) of task ``dst``'s entries whose parameters have the shapes of task
+        ``src``'s: the adapters and norms always; the input head when both tasks have the same number of
+        modalities, the class heads (deep supervision and output) when they have the same number of
+        classes. What :meth:`copy_task_parts` copies."""
+        for t in (src, dst):
+            if not 0 <= t < self.num_tasks:
+                raise IndexError(f"task {t} out of range: the model has {self.num_tasks} task(s)")
+        alike = []
+        for name, m in self.named_modules():
+            if isinstance(m, TaskModuleList):
+                a, b = m[src].state_dict(), m[dst].state_dict()
+                if a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a):
+                    alike.append(f"{name}.{dst}")
+        return alike
+
+    def copy_task_parts(self, src: int, dst: int) -> list[str]:
+        """Copy task ``src``'s own parameters into task ``dst`` wherever their shapes agree
+        (:meth:`task_parts_alike`); the other entries of ``dst`` keep their values. Returns the names
+        of the entries copied."""
+        alike = set(self.task_parts_alike(src, dst))
+        with torch.no_grad():
+            for name, m in self.named_modules():
+                if isinstance(m, TaskModuleList) and f"{name}.{dst}" in alike:
+                    m[dst].load_state_dict(m[src].state_dict())
+        return sorted(alike)
+
+    def add_classes(
+        self,
+        task_idx: int,
+        num_classes: int,
+        parents: Sequence[int] | None = None,
+        offset: float = NEW_CLASS_LOGIT_OFFSET,
+    ) -> list[str]:
+        """Grow task ``task_idx``'s label set to ``num_classes`` classes (background included).
+
+        The class heads (deep supervision and output) get the new channels at the end; the existing
+        channels keep their weights (convolution rows, biases and, in the deep-supervision heads, the
+        per-channel norm's affine parameters). A new channel starts as a copy of its parent class's
+        (``parents[i]`` for new class ``K_old + i``: the class whose voxels it takes over, e.g. liver for a
+        tumour inside it, background for a structure from the background) with its output bias lowered by
+        ``offset``, so that the model predicts exactly what it did until training moves the new class
+        away; with ``parents=None`` the new channels start fresh (Kaiming-normal rows, zero bias, norm
+        (1, 0)). Nothing else changes. Returns the module names of the grown heads.
+        """
+        if not 0 <= task_idx < self.num_tasks:
+            raise IndexError(f"task_idx {task_idx} out of range: this model has {self.num_tasks} task(s)")
+        old = self.config.num_classes[task_idx]
+        if num_classes <= old:
+            raise ValueError(f"task {task_idx} has {old} classes; growing it needs more, got {num_classes}")
+        if parents is not None and (
+            len(parents) != num_classes - old or not all(0 <= int(c) < old for c in parents)
+        ):
+            raise ValueError(
+                f"parents must name one existing class (0..{old - 1}) per new class, got {parents}"
+            )
+        grown = []
+        with torch.no_grad():
+            for name, m in self.named_modules():
+                if not isinstance(m, ClassHeads):
+                    continue
+                new = m._head(num_classes)
+                new.apply(_init_weights)
+                previous = m.heads[task_idx].state_dict()
+                state = new.state_dict()
+                for k, v in previous.items():  # every tensor of a head is indexed by class first
+                    state[k][:old] = v
+                    if parents is not None:
+                        state[k][old:] = v[[int(c) for c in parents]]
+                if parents is not None and m is self.output_heads:
+                    state["bias"][old:] -= offset  # the logits' last term: the parent wins until trained
+                new.load_state_dict(state)
+                ref = next(m.heads[task_idx].parameters())
+                m.heads[task_idx] = new.to(device=ref.device, dtype=ref.dtype)
+                grown.append(f"{name}.heads.{task_idx}")
+        counts = list(self.config.num_classes)
+        counts[task_idx] = int(num_classes)
+        self.config = replace(self.config, num_classes=counts)
+        return grown
 
 
 def _unit_class(config: ModelConfig) -> type[ConvUnit]:

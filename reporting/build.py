@@ -122,11 +122,17 @@ def run_report(
             counts = parameter_counts(model)
             mode = model.config.train_mode + (f" ({model.config.module})" if model.config.module else "")
             for t, task in enumerate(tasks):
+                labels = task["plans"].get("labels") or {}
                 rows.append(
                     [
                         r.name,
                         mode,
                         task["name"],
+                        ", ".join(
+                            f"{c} {n}"
+                            for c, n in sorted(labels.items(), key=lambda kv: int(kv[0]))
+                            if c != "0"
+                        ),
                         f"{counts.total:,}",
                         f"{counts.shared:,}",
                         f"{counts.per_task[t]:,}",
@@ -135,7 +141,8 @@ def run_report(
     if rows:
         sections.append(
             Section(
-                "Parameters", table(["run", "model", "task", "total", "shared", "task's own"], rows, left=3)
+                "Parameters",
+                table(["run", "model", "task", "classes", "total", "shared", "task's own"], rows, left=4),
             )
         )
     write_page(page, title or f"Training report: {', '.join(r.name for r in runs)}", sections)
@@ -155,12 +162,20 @@ def read_summary(path: Path) -> list[dict[str, str]]:
 
 
 def _mode_parameters(
-    mode: str, checkpoints: Sequence[Path], plans: dict[str, dict[str, Any]]
+    mode: str,
+    checkpoints: Sequence[Path],
+    plans: dict[str, dict[str, Any]],
+    extensions: list[tuple[str, dict[str, Any]]] | None = None,
 ) -> ModeParameters:
-    """Parameters of a mode's models; ``plans`` collects each task's plans on the way."""
+    """Parameters of a mode's models; ``plans`` collects each task's plans on the way, ``extensions`` the
+    ``(mode, extension)`` of each checkpoint whose run extended a trained model (its config's ``extension``)."""
     mp = ModeParameters(mode)
     for ck in checkpoints:
-        model, tasks = build_model_from_checkpoint(load_checkpoint(ck))
+        ckpt = load_checkpoint(ck)
+        ext = ((ckpt.get("train_state") or {}).get("config") or {}).get("extension")
+        if ext and extensions is not None:
+            extensions.append((mode, dict(ext)))
+        model, tasks = build_model_from_checkpoint(ckpt)
         counts = parameter_counts(model)
         for task in tasks:
             plans.setdefault(str(task["name"]), dict(task["plans"]))
@@ -173,6 +188,42 @@ def _mode_parameters(
                 name = str(task["name"])
                 mp.per_domain[name] = mp.per_domain.get(name, 0) + counts.per_task[t]
     return mp
+
+
+def _extension_section(extensions: Sequence[tuple[str, Mapping[str, Any]]]) -> Section:
+    """What each extension run added to its trained model: a new domain (and where its parameters started)
+    or a grown label set (the classes and parameters added)."""
+    rows = []
+    for mode, ext in extensions:
+        if ext.get("kind") == "new_domain":
+            start = "fresh" if ext.get("init_from") is None else f"copied from {ext['init_from']}"
+            rows.append(
+                [
+                    mode,
+                    "new domain",
+                    str(ext.get("task")),
+                    f"own parameters start {start}: {ext.get('init_how', '')}",
+                ]
+            )
+        elif ext.get("kind") == "new_classes":
+            added = ", ".join(f"{c} {n}" for c, n in (ext.get("added_classes") or {}).items())
+            rows.append(
+                [
+                    mode,
+                    "new classes",
+                    f"{ext.get('domain')} → {ext.get('task')}",
+                    f"classes {ext.get('classes_before')} → {ext.get('classes_after')}: + {added}; "
+                    f"{int(ext.get('added_params', 0)):,} parameters added; trained: the domain's "
+                    f"{ext.get('train_scope')} parameters",
+                ]
+            )
+    note = (
+        '<p class="note">Runs that extended a trained model (<code>--ckp</code>): a new domain, or a trained '
+        "domain whose label set grew (<code>--add_classes_to</code>); every other domain stayed frozen.</p>"
+    )
+    return Section(
+        "Extensions of a trained model", note + table(["mode", "kind", "domain", "what"], rows, left=4)
+    )
 
 
 def _summary_section(rows: Sequence[Mapping[str, str]], dice_png: Path | None, page_dir: Path) -> Section:
@@ -369,12 +420,17 @@ def evaluation_report(
         report.images.append(dice_png)
         sections.append(_summary_section(rows, dice_png, out))
     plans: dict[str, dict[str, Any]] = {}
-    modes = [_mode_parameters(mode, best_checkpoints(Path(folder)), plans) for mode, folder in evals]
+    extensions: list[tuple[str, dict[str, Any]]] = []
+    modes = [
+        _mode_parameters(mode, best_checkpoints(Path(folder)), plans, extensions) for mode, folder in evals
+    ]
     modes = [m for m in modes if m.total]
     if modes:
         png = plot_parameter_chart(modes, assets / "parameters.png")
         report.images.append(png)
         sections.append(_parameters_section(modes, png, out))
+    if extensions:
+        sections.append(_extension_section(extensions))
     if export_files or compare:
         parts = [
             '<p class="note">Domains exported on their own (<code>python -m models.export</code>: the shared weights '

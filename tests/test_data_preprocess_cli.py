@@ -18,11 +18,11 @@ from demo.data import generate_demo_data
 PLANS_KEYS = {
     "task", "modalities", "is_ct", "labels", "num_classes", "label_map", "target_spacing", "patch_size",
     "pools_per_axis", "batch_size", "small_label", "tumour_classes", "keep_components", "normalisation",
-    "source", "median_resampled_shape",
+    "source", "median_resampled_shape", "resample_grid",
 }  # fmt: skip
 SIDECAR_KEYS = {
     "case", "image_file", "original_shape", "crop_box", "resampled_shape", "original_spacing_xyz",
-    "origin_xyz", "direction", "target_spacing",
+    "origin_xyz", "direction", "target_spacing", "resample_grid",
 }  # fmt: skip
 
 
@@ -55,6 +55,7 @@ def test_preprocess_demo_end_to_end_and_rerun(
     for task in ("Task91_DemoLiverCT", "Task92_DemoHippoMR", "Task93_DemoProstateMR", "Task94_DemoSpleenCT"):
         plans = json.loads((prep / task / "plans.json").read_text())
         assert PLANS_KEYS <= set(plans) and plans["source"] == "derived"
+        assert plans["resample_grid"] == "original" and plans["normalisation"]["ct_clip_for"] == "all"
         n_mod, n_cls = len(plans["modalities"]), plans["num_classes"]
         side = json.loads(next((prep / task / "train").glob("*.json")).read_text())
         assert SIDECAR_KEYS | {"class_voxels"} <= set(side)
@@ -215,7 +216,24 @@ def test_unknown_task_derived_settings_overrides_and_parallel(
     assert plans["target_spacing"] == [2.0, 2.0, 2.0] and plans["patch_size"] == [16, 16, 16]
     assert plans["pools_per_axis"] == [2, 2, 2] and "target_spacing" in plans["overrides"]
     side = json.loads((prep / "Task555_SomethingNew" / "train" / "hippomr_001.json").read_text())
-    assert side["target_spacing"] == [2.0, 2.0, 2.0]
+    assert side["target_spacing"] == [2.0, 2.0, 2.0] and side["resample_grid"] == "original"
+    capsys.readouterr()
+
+    # the centred grid: another preprocessing setting, recorded in plans and sidecars
+    flags += ["--pools", "2", "2", "2", "--resample_grid", "centred"]
+    assert _run(demo, prep, *flags) == 1
+    assert "resample_grid: 'original' -> 'centred'" in capsys.readouterr().out
+    assert _run(demo, prep, *flags, "--overwrite") == 0
+    plans = json.loads((prep / "Task555_SomethingNew" / "plans.json").read_text())
+    assert plans["resample_grid"] == "centred" and "resample_grid" in plans["overrides"]
+    centred = json.loads((prep / "Task555_SomethingNew" / "train" / "hippomr_001.json").read_text())
+    assert centred["resample_grid"] == "centred"
+    crop = [b - a for a, b in centred["crop_box"]]
+    spacing_zyx = centred["original_spacing_xyz"][::-1]
+    assert centred["resampled_shape"] == [round(n * s / 2.0) for n, s in zip(crop, spacing_zyx, strict=True)]
+    assert side["resampled_shape"] == [
+        int(n * round(s, 3) / 2.0) for n, s in zip(crop, spacing_zyx, strict=True)
+    ]
 
 
 def test_help_lists_every_flag(capsys: pytest.CaptureFixture) -> None:
@@ -223,5 +241,6 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture) -> None:
         preprocess_taskSep.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--dataset_dir", "--prep_dir", "--tasks", "--nProc", "--overwrite", "--folds_file",
-                 "--target_spacing", "--patch_size", "--pools", "--label_map"):  # fmt: skip
+                 "--target_spacing", "--patch_size", "--pools", "--label_map", "--resample_grid",
+                 "--ct_clip_for"):  # fmt: skip
         assert flag in text

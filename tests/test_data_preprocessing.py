@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from inference.geometry import restore_to_original
 from utils.decathlon import DataError, Geometry
 from utils.io_utils import read_json
 from utils.preprocessing import (
@@ -19,14 +20,17 @@ from utils.preprocessing import (
     preprocess_arrays,
     preprocess_case,
     preprocess_image,
+    resample_to_spacing,
     resample_volume,
     save_case,
     zero_background,
 )
-from utils.task_settings import NORMALISATION
+from utils.task_settings import NORMALISATION, build_plans, estimate_resampled_shape
 
 
-def _plans(target=(1.0, 1.0, 1.0), modalities=("MRI",), label_map=None, num_classes=3) -> dict:
+def _plans(
+    target=(1.0, 1.0, 1.0), modalities=("MRI",), label_map=None, num_classes=3, grid="original"
+) -> dict:
     lm = label_map or {str(i): i for i in range(num_classes)}
     return {
         "modalities": list(modalities),
@@ -34,6 +38,7 @@ def _plans(target=(1.0, 1.0, 1.0), modalities=("MRI",), label_map=None, num_clas
         "label_map": lm,
         "num_classes": num_classes,
         "target_spacing": list(target),
+        "resample_grid": grid,
         "normalisation": {k: (list(v) if isinstance(v, tuple) else v) for k, v in NORMALISATION.items()},
     }
 
@@ -147,6 +152,10 @@ def test_ct_clip_and_weight_map(tmp_path: Path) -> None:
         _write(tmp_path / "ct.nii.gz", img, spacing), _plans(modalities=("CT",))
     )
     assert side["crop_box"] == [[0, 16], [0, 20], [0, 20]] and image.shape == (1, 40, 20, 20)
+    # the original grid samples input slice i * 0.4: the last one (15.6) lies beyond the input
+    # (its voxels reach 15.5), so it is 0 there (weight 0, image 0), as in the original
+    assert np.all(weight[-1] == 0) and np.all(image[0, -1] == 0)
+    weight, image = weight[:-1], image[:, :-1]
     tissue = sl > 0
     assert weight.dtype == np.uint8
     np.testing.assert_array_equal(weight, np.broadcast_to(tissue, weight.shape).astype(np.uint8))
@@ -163,7 +172,7 @@ def test_ct_clip_and_weight_map(tmp_path: Path) -> None:
     assert abs((-3024.0 - mean) / std - (-1024.0 - mean) / std) > 100
 
 
-def test_ct_clip_min_from_plans_and_only_for_ct() -> None:
+def test_ct_clip_min_from_plans_for_every_task_or_ct_only() -> None:
     rng = np.random.default_rng(3)
     shape = (6, 10, 10)
     vol = rng.uniform(20.0, 80.0, shape)  # tissue
@@ -171,19 +180,21 @@ def test_ct_clip_min_from_plans_and_only_for_ct() -> None:
     vol[:, :, 2:3] = -2000.0  # 10 % below -1024 too
     vol[:, :, 3:4] = -700.0  # 10 % between -1024 and -600
     geom = Geometry((6, 10, 10), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
-    image = vol[None].astype(np.float32)  # same spacing as the target: no resampling
-    for is_ct, ct_min in ((True, -1024.0), (True, -600.0), (False, -1024.0)):
+    image = vol[None].astype(np.float32)  # same spacing as the target: values kept (to float noise)
+    cases = ((True, -1024.0, "all"), (True, -600.0, "all"), (False, -1024.0, "all"), (False, -1024.0, "ct"))
+    for is_ct, ct_min, clip_for in cases:
         plans = {**_plans(modalities=("CT",)), "is_ct": is_ct}
-        plans["normalisation"] = {**plans["normalisation"], "ct_clip_min": ct_min}
+        plans["normalisation"] = {**plans["normalisation"], "ct_clip_min": ct_min, "ct_clip_for": clip_for}
         out, weight, _, _ = preprocess_arrays(image, geom, plans)
-        ref = np.maximum(vol, ct_min) if is_ct else vol.copy()
+        clipped = is_ct or clip_for == "all"  # the original clipped every task; "ct": CT tasks only
+        ref = np.maximum(vol, ct_min) if clipped else vol.copy()
         lo, hi = np.percentile(ref, [2, 98])
         np.testing.assert_allclose(out[0], _znorm_by_hand(ref, lo, hi), rtol=1e-5, atol=1e-4)
         np.testing.assert_array_equal(weight, (vol > 0).astype(np.uint8))
         a, b, c = out[0, 0, 0, 0], out[0, 0, 0, 2], out[0, 0, 0, 3]  # -3000, -2000, -700 HU
-        if is_ct and ct_min == -1024.0:
+        if clipped and ct_min == -1024.0:
             assert a == b and c > b  # both below -1024 end equal, -700 is kept
-        elif is_ct:
+        elif clipped:
             assert a == b == c  # everything below -600 is clipped to it
         else:
             assert a < b < c  # no CT clip: the three stay apart (the 2nd percentile lies in the -3000 block)
@@ -247,14 +258,9 @@ def test_sidecar_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(back["original_spacing_xyz"], ref.GetSpacing())
     np.testing.assert_allclose(back["origin_xyz"], ref.GetOrigin())
     np.testing.assert_allclose(back["direction"], ref.GetDirection())
-    assert back["crop_box"] == [[0, 12], [0, 30], [3, 26]]
-    # the sidecar suffices to put the label back: nearest resize to the crop box, paste
-    box = back["crop_box"]
-    crop_shape = [b - a for a, b in box]
-    restored = np.zeros(back["original_shape"], np.uint8)
-    restored[box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]] = resample_volume(
-        np.load(files["label"]), back["target_spacing"], crop_shape, is_label=True
-    )
+    assert back["crop_box"] == [[0, 12], [0, 30], [3, 26]] and back["resample_grid"] == "original"
+    # the sidecar suffices to put the label back into the original grid
+    restored = restore_to_original(np.load(files["label"]), back)
     dice = 2 * np.sum((restored > 0) & (lab > 0)) / (restored.sum() + lab.sum())
     assert dice > 0.9
     for key in ("image", "label", "weight"):
@@ -271,8 +277,13 @@ def test_zero_mask_stops_bspline_ringing_in_zero_background(tmp_path: Path) -> N
     _, w_paper, _ = preprocess_image(path, paper)
     image, w_imp, side = preprocess_image(path, improved)
     box = side["crop_box"]
-    nearest = resample_volume(
-        crop_to_box(ball.astype(np.uint8), box), spacing, side["resampled_shape"], is_label=True
+    nearest = resample_to_spacing(
+        crop_to_box(ball.astype(np.uint8), box),
+        spacing,
+        side["target_spacing"],
+        origin_xyz=side["origin_xyz"],
+        direction=side["direction"],
+        is_label=True,
     )
     assert int(w_imp.sum()) == int(nearest.sum())  # exactly the original non-zero region
     assert w_paper.sum() > 3 * w_imp.sum()  # without the mask, ringing leaks far into the background
@@ -285,3 +296,96 @@ def test_zero_background_is_border_connected_zeros_only() -> None:
     v[5, 5, 5] = 0  # a 0 HU voxel inside tissue
     bg = zero_background(v)
     assert bg[:, :, :2].all() and not bg[5, 5, 5] and bg.sum() == 200
+
+
+def test_estimate_resampled_shape_original_truncates_centred_rounds() -> None:
+    # original: int(n * round(s, 3) / round(t, 3)); centred: round(n * s / t)
+    shape, spacing, target = (20, 33, 7), (0.625, 0.7031, 3.0), (0.8, 0.77, 1.0)
+    assert estimate_resampled_shape(shape, spacing, target) == (15, 30, 21)
+    assert estimate_resampled_shape(shape, spacing, target, "centred") == (16, 30, 21)
+    # spacings rounded to 3 decimals first: 10 x 0.7999 mm at 0.8 mm are 10 voxels, not 9
+    assert estimate_resampled_shape((10, 10, 10), (0.7999,) * 3, (0.8,) * 3) == (10, 10, 10)
+    assert estimate_resampled_shape((1, 1, 1), (0.5,) * 3, (3.0,) * 3) == (1, 1, 1)  # never 0
+    with pytest.raises(ValueError, match="resample grid"):
+        estimate_resampled_shape(shape, spacing, target, "corner")
+
+
+def test_original_grid_nearest_positions_and_zero_beyond_input() -> None:
+    """Output voxel i samples input index i * target / spacing from the same origin (nearest:
+    floor(x + 0.5), ties up); one beyond the input's last voxel (index > n - 0.5) gets 0."""
+    lab = np.arange(1, 5, dtype=np.uint8).reshape(1, 1, 4)
+    ident = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    up = resample_to_spacing(
+        lab, (1.0, 1.0, 3.0), (1.0, 1.0, 1.0), origin_xyz=(4.0, -2.0, 8.0), direction=ident, is_label=True
+    )
+    np.testing.assert_array_equal(up.ravel(), [1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 0])  # 12 = int(4 * 3 / 1)
+    lab10 = np.arange(1, 11, dtype=np.uint8).reshape(1, 1, 10)
+    down = resample_to_spacing(
+        lab10, (1.0, 1.0, 1.0), (1.0, 1.0, 1.5), origin_xyz=(0.0, 0.0, 0.0), direction=ident, is_label=True
+    )
+    np.testing.assert_array_equal(down.ravel(), [1, 3, 4, 6, 7, 9])  # 0, 1.5->2, 3, 4.5->5, 6, 7.5->8
+
+
+def test_original_grid_keeps_int16_and_resamples_equal_sizes() -> None:
+    """An int16 volume stays int16 (SimpleITK truncates the B-spline value toward 0), and it is
+    resampled even when its size does not change (the identity B-spline moves some voxels by 1)."""
+    rng = np.random.default_rng(5)
+    vol = rng.integers(-1100, 400, (10, 12, 9)).astype(np.int16)
+    origin, direction = (3.5, -2.0, 7.0), (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    out = resample_to_spacing(vol, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), origin_xyz=origin, direction=direction)
+    assert out.dtype == np.int16 and out.shape == vol.shape
+    ref = resample_to_spacing(
+        vol.astype(np.float64), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), origin_xyz=origin, direction=direction
+    )
+    np.testing.assert_array_equal(out, np.trunc(ref).astype(np.int16))
+    assert np.abs(ref - vol).max() < 1e-6 and (out != vol).any()  # not a copy
+
+
+def test_preprocess_pixel_type_grid_and_legacy_plans(tmp_path: Path) -> None:
+    """The file's int16 type is what the original grid resamples; the centred grid (option, and
+    plans written before ``resample_grid`` existed) resamples float32 over the crop's extent."""
+    rng = np.random.default_rng(6)
+    shape, spacing = (10, 24, 22), (2.5, 0.7, 0.7)
+    ct = np.where(_ball(shape, spacing, (12, 8, 8), 6), 60, -1024) + rng.integers(-20, 20, shape)
+    path = _write(tmp_path / "ct.nii.gz", ct.astype(np.int16), spacing)
+    target = (1.0, 0.77, 0.77)
+    img, weight, side = preprocess_image(path, _plans(target=target, modalities=("CT",)))
+    # truncated in float64 as the original: 24 * 0.7 / 0.77 = 21.8 -> 21, 22 * 0.7 / 0.77 = 19.999... -> 19
+    assert side["resample_grid"] == "original" and img.shape[1:] == (25, 21, 19)
+    as_int = resample_to_spacing(
+        ct.astype(np.int16), spacing, target, origin_xyz=side["origin_xyz"], direction=side["direction"]
+    )
+    np.testing.assert_array_equal(weight, (np.maximum(as_int, -1024) > 0).astype(np.uint8))
+    centred = _plans(target=target, modalities=("CT",), grid="centred")
+    img_c, _, side_c = preprocess_image(path, centred)
+    assert side_c["resample_grid"] == "centred" and img_c.shape[1:] == (25, 22, 20)  # rounded
+    legacy = {k: v for k, v in centred.items() if k != "resample_grid"}
+    img_l, _, side_l = preprocess_image(path, legacy)
+    assert side_l["resample_grid"] == "centred"
+    np.testing.assert_array_equal(img_l, img_c)
+    with pytest.raises(ValueError, match="resample_grid"):
+        preprocess_image(path, {**centred, "resample_grid": "corner"})
+
+
+def test_plans_record_the_grid_and_derive_the_spacing_it_resamples_to() -> None:
+    """Derived target spacing: the median to 3 decimals on the original grid (the spacing its
+    arrays have), 4 on the centred one; the median shape follows each grid's rule."""
+    spacings, shapes = [(2.5, 0.78125, 0.78125)] * 3, [(40, 100, 100)] * 3
+    plans = build_plans("Task555_New", ["CT"], {0: "bg", 1: "organ"}, spacings, shapes)
+    assert plans["resample_grid"] == "original" and plans["target_spacing"] == [2.5, 0.781, 0.781]
+    assert plans["median_resampled_shape"] == [40, 100, 100]  # int(100 * 0.781 / 0.781)
+    assert plans["normalisation"]["ct_clip_for"] == "all"
+    centred = build_plans(
+        "Task555_New",
+        ["CT"],
+        {0: "bg", 1: "organ"},
+        spacings,
+        shapes,
+        resample_grid="centred",
+        ct_clip_for="ct",
+    )
+    assert centred["target_spacing"] == [2.5, 0.7812, 0.7812] and centred["resample_grid"] == "centred"
+    assert centred["normalisation"]["ct_clip_for"] == "ct"
+    assert {"resample_grid", "ct_clip_for"} <= set(centred["overrides"])
+    with pytest.raises(ValueError, match="resample_grid"):
+        build_plans("Task555_New", ["CT"], {0: "bg", 1: "organ"}, spacings, shapes, resample_grid="corner")

@@ -45,7 +45,48 @@ def test_resize_nearest() -> None:
     np.testing.assert_array_equal(resize_nearest(resize_nearest(b, (6, 8, 10)), (3, 4, 5)), b)
 
 
+def test_restore_original_grid_ties_up_and_zero_beyond() -> None:
+    """The original's way back: crop voxel i takes label voxel floor(i * original / target spacing
+    + 0.5) per axis (SimpleITK nearest neighbour; ties exact here: binary spacings and origin, a signed
+    permutation as direction), 0 where that lies beyond the label map, pasted at the crop box."""
+    sidecar = {
+        "original_shape": [5, 7, 12],
+        "crop_box": [[1, 5], [1, 6], [2, 12]],  # crop (4, 5, 10)
+        "resampled_shape": [2, 6, 11],
+        "original_spacing_xyz": [1.25, 0.75, 2.0],
+        "origin_xyz": [-100.5, 20.25, 7.0],
+        "direction": [0.0, -1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+        "target_spacing": [4.0, 0.5, 1.0],  # (z, y, x): ratios z 0.5, y 1.5, x 1.25
+        "resample_grid": "original",
+    }
+    label = (np.arange(2 * 6 * 11).reshape(2, 6, 11) + 1).astype(np.uint8)
+    out = restore_to_original(label, sidecar)
+    idx = [
+        np.floor(np.arange(n) * r + 0.5).astype(int)
+        for n, r in zip((4, 5, 10), (0.5, 1.5, 1.25), strict=True)
+    ]
+    assert [i.tolist() for i in idx] == [[0, 1, 1, 2], [0, 2, 3, 5, 6], [0, 1, 3, 4, 5, 6, 8, 9, 10, 11]]
+    inside = [i < n for i, n in zip(idx, label.shape, strict=True)]
+    gathered = label[np.ix_(*[np.minimum(i, n - 1) for i, n in zip(idx, label.shape, strict=True)])]
+    expected = np.where(
+        inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :], gathered, 0
+    )
+    assert out.shape == (5, 7, 12) and not out[0].any() and not out[:, 6].any() and not out[:, :, :2].any()
+    np.testing.assert_array_equal(out[1:5, 1:6, 2:12], expected)
+    assert not out[4].any()  # z index 2 is beyond the two label slices: 0, as in the original
+    # the centred option (and a sidecar without "resample_grid", written before it existed)
+    centred = np.zeros((5, 7, 12), np.uint8)
+    centred[1:5, 1:6, 2:12] = resize_nearest(label, (4, 5, 10))
+    np.testing.assert_array_equal(
+        restore_to_original(label, {**sidecar, "resample_grid": "centred"}), centred
+    )
+    legacy = {k: v for k, v in sidecar.items() if k != "resample_grid"}
+    np.testing.assert_array_equal(restore_to_original(label, legacy), centred)
+
+
 def test_restore_and_write_same_affine(tmp_path: Path) -> None:
+    """NIfTI geometry of the written label; the sidecar has no ``resample_grid`` (one written
+    before it existed): the centred grid's way back."""
     in_path = tmp_path / "case_001.nii.gz"
     img, sidecar = _input_image(in_path)
     label = np.random.default_rng(1).integers(0, 3, (6, 3, 14)).astype(np.uint8)

@@ -20,6 +20,12 @@ def test_run_gpu_checks_smoke(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", "benchmarks/run_gpu_checks.sh", "--smoke"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the suite's CUDA tests are selected (--smoke only collects them) and the result is reported
+    assert "tests collected" in (tmp_path / "cuda_tests.txt").read_text()
+    assert (
+        "test_amp_scaler.py::test_fit_fp16_on_cuda_resume_continues_the_scaler"
+        in (tmp_path / "gpu_tests.txt").read_text()
+    )
     table = (tmp_path / "table.md").read_text()
     assert "model-only step, universal separable, native kernels (fp32)" in table
     kernels = json.loads((tmp_path / "kernels.json").read_text())

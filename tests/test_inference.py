@@ -10,9 +10,12 @@ from inference.settings import InferenceSettings
 from inference.sliding_window import (
     ResizingNetwork,
     infer_case,
+    pad_to_patch,
     patch_starts,
     patch_weight_map,
+    scaled_shape,
     sliding_window,
+    window_positions,
 )
 from utils.preprocessing import resize_image, resize_nearest
 
@@ -29,7 +32,7 @@ def whole_volume(image: np.ndarray, task_idx: int = 0) -> np.ndarray:
     return torch.softmax(pointwise(torch.from_numpy(image)[None], task_idx), dim=1)[0].numpy()
 
 
-@pytest.mark.parametrize("weight_mode", ["linear", "gaussian", "constant"])
+@pytest.mark.parametrize("weight_mode", ["linear", "linear_symmetric", "gaussian", "constant"])
 def test_stitching_equals_whole_volume(weight_mode: str) -> None:
     rng = np.random.default_rng(0)
     image = rng.normal(size=(2, 13, 21, 17)).astype(np.float32)
@@ -66,24 +69,94 @@ def test_smaller_than_patch_is_padded_and_cropped_and_tta() -> None:
 
 
 def test_weight_map_centre_and_corners() -> None:
+    """The preset's map (the original's calPatchWeights): centred at patch/2, 1 there, falling
+    linearly with the Euclidean distance to 1e-20 at voxel (0, 0, 0), the farthest one."""
     w = patch_weight_map((9, 11, 7))
-    assert w.shape == (9, 11, 7) and w.dtype == np.float32
-    assert w[4, 5, 3] == 1.0 and w.max() == 1.0
-    for c in [(0, 0, 0), (8, 10, 6), (0, 10, 0), (8, 0, 6)]:
-        assert 0.0 < w[c] <= 1e-3
-    assert w.min() > 0
-    # falls linearly with Euclidean distance: halfway to the corner -> ~0.5
-    assert abs(w[2, 5, 3] - (1 - 2 / np.sqrt(4**2 + 5**2 + 3**2))) < 1e-6
+    assert w.shape == (9, 11, 7) and w.dtype == np.float32 and w.max() == 1.0
+    # centre (4.5, 5.5, 3.5): the nearest voxels are 8 at distance sqrt(3) / 2
+    d = np.sqrt(((np.indices((9, 11, 7)) - np.array([4.5, 5.5, 3.5])[:, None, None, None]) ** 2).sum(0))
+    expected = 1 - (d - d.min()) / (d.max() - d.min()) + 1e-20
+    np.testing.assert_allclose(w, expected.astype(np.float32), rtol=1e-6)
+    assert w[4:6, 5:7, 3:5].min() == 1.0 and w[0, 0, 0] == np.float32(1e-20)
     we = patch_weight_map((8, 8, 8))
-    assert np.all(we[3:5, 3:5, 3:5] == 1.0) and we[0, 0, 0] <= 1e-3
-    g = patch_weight_map((9, 9, 9), "gaussian")
-    assert g[4, 4, 4] == 1.0 and 0 < g[0, 0, 0] < 1e-2
+    assert we[4, 4, 4] == 1.0 and (we == 1.0).sum() == 1 and we[0, 0, 0] == np.float32(1e-20)
+    # the far corner (7, 7, 7) is 3 voxels from the centre, (0, 0, 0) 4: weight 1 - 3/4
+    assert we[7, 7, 7] == pytest.approx(0.25, abs=1e-6)
+    # the previous symmetric map, kept as an option: centre (p-1)/2, every corner floored at 1e-3
+    ws = patch_weight_map((9, 11, 7), "linear_symmetric")
+    assert ws[4, 5, 3] == 1.0
+    for c in [(0, 0, 0), (8, 10, 6), (0, 10, 0), (8, 0, 6)]:
+        assert ws[c] == np.float32(1e-3)
+    assert abs(ws[2, 5, 3] - (1 - 2 / np.sqrt(4**2 + 5**2 + 3**2))) < 1e-6
+
+
+@pytest.mark.parametrize("patch", [(9, 9, 9), (8, 12, 6)])
+def test_gaussian_weight_map_everywhere(patch: tuple[int, int, int]) -> None:
+    """The Gaussian map at every voxel: sigma = patch / 8 per axis around (p - 1) / 2, maximum 1,
+    floored at 1e-3 (a doubled sigma, or another centre, changes most voxels)."""
+    g = patch_weight_map(patch, "gaussian")
+    idx = np.indices(patch).astype(np.float64)
+    centre = (np.array(patch) - 1) / 2.0
+    sigma = np.array(patch) / 8.0
+    z = ((idx - centre[:, None, None, None]) / sigma[:, None, None, None]) ** 2
+    expected = np.exp(-0.5 * z.sum(0))
+    expected = np.maximum(expected / expected.max(), 1e-3)
+    np.testing.assert_allclose(g, expected, rtol=1e-6, atol=1e-7)
+    wide = np.exp(-0.5 * (z / 4).sum(0))  # sigma doubled
+    assert np.abs(np.maximum(wide / wide.max(), 1e-3) - g).max() > 0.3
+
+
+def test_window_positions_like_the_original_loop() -> None:
+    """Starts and multiplicities equal a transcription of the original's loop (centres from p//2
+    every step while below size + p//2, clipped to size - p//2), for many sizes and patches."""
+    for patch in range(2, 12):
+        for size in range(1, 40):
+            h = patch // 2
+            starts = [min(c, size - h) - h for c in range(h, size + h, h)]
+            expected = sorted((s, starts.count(s)) for s in set(starts))
+            assert window_positions(size, patch, h) == expected, (size, patch)
+    # half-patch steps: the last window twice; an odd patch's last window one voxel past the end
+    assert window_positions(8, 8, 4) == [(0, 2)]
+    assert window_positions(12, 8, 4) == [(0, 1), (4, 2)]
+    assert window_positions(9, 7, 3) == [(0, 1), (3, 2)]  # [3, 10) over 9 voxels
+    assert window_positions(7, 8, 4) == [(-1, 2)]  # shorter than the patch (volume mode)
+    assert window_positions(12, 8, 4, "once") == [(0, 1), (4, 1)]
 
 
 def test_patch_starts_half_step() -> None:
     assert patch_starts(64, 64, 32) == [0]
     assert patch_starts(100, 64, 32) == [0, 32, 36]
     assert patch_starts(128, 64, 32) == [0, 32, 64]
+
+
+def test_padding_modes_and_scaled_shape() -> None:
+    image = torch.ones((1, 5, 8, 10))
+    padded, region = pad_to_patch(image, (8, 8, 8))  # ceil_both: 3 short -> 2 + 2 (9 voxels)
+    assert tuple(padded.shape[1:]) == (9, 8, 10) and region == (slice(2, 7), slice(0, 8), slice(0, 10))
+    padded, region = pad_to_patch(image, (8, 8, 8), "exact")  # 1 before, 2 after
+    assert tuple(padded.shape[1:]) == (8, 8, 10) and region[0] == slice(1, 6)
+    assert float(padded.sum()) == float(image.sum())
+    # int(s * (m / t)) as the original, not round(): 49 * (8 / 49) = 7.999999999999999
+    assert scaled_shape((49, 13, 10), (49, 6, 8), (8, 8, 8)) == (7, 17, 10)
+    assert scaled_shape((49, 13, 10), (49, 6, 8), (8, 8, 8), "round") == (8, 17, 10)
+
+
+def test_repeated_windows_run_once_and_count_as_often_as_the_original_visits_them() -> None:
+    """The original evaluates the last window along each axis twice; the project runs every distinct
+    window once and weights it by its multiplicity: the same blend, fewer forward passes."""
+    image = np.random.default_rng(6).normal(scale=3.0, size=(1, 8, 8, 12)).astype(np.float32)
+    seen: list[int] = []
+
+    def net(x: torch.Tensor, t: int) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return _window_ramp(x, t)
+
+    got = sliding_window(net, image, 0, (8, 8, 8), S(batch_size=4))
+    assert sum(seen) == 2  # x starts 0 and 4; the original ran 2 * 2 * 3 = 12 windows
+    np.testing.assert_array_equal(got, _brute_blend(image, "logits", counts=(1, 2)).argmax(0))
+    once = sliding_window(_window_ramp, image, 0, (8, 8, 8), S(window_count="once"))
+    np.testing.assert_array_equal(once, _brute_blend(image, "logits", counts=(1, 1)).argmax(0))
+    assert (once != got).sum() > 0
 
 
 def _cube_image() -> np.ndarray:
@@ -179,14 +252,15 @@ def _window_ramp(x: torch.Tensor, t: int) -> torch.Tensor:
     return torch.cat([torch.zeros_like(x[:, :1]), x[:, :1] + 3.0 * local], dim=1)
 
 
-def _brute_blend(image: np.ndarray, blend: str) -> np.ndarray:
-    """Windows of 8³ at x = 0 and 4 over an (1, 8, 8, 12) image, linear weights, by hand."""
+def _brute_blend(image: np.ndarray, blend: str, counts: tuple[int, int] = (1, 2)) -> np.ndarray:
+    """Windows of 8³ at x = 0 and 4 over an (1, 8, 8, 12) image, the preset's linear weights, by
+    hand; ``counts``: how often each is counted (the original's loop: the last one twice)."""
     w = patch_weight_map((8, 8, 8))
     acc = np.zeros((2, 8, 8, 12))
-    for x0 in (0, 4):
+    for x0, n in zip((0, 4), counts, strict=True):
         logits = _window_ramp(torch.from_numpy(image[None, :, :, :, x0 : x0 + 8]), 0)[0].double().numpy()
         scores = logits if blend == "logits" else np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
-        acc[:, :, :, x0 : x0 + 8] += scores * w
+        acc[:, :, :, x0 : x0 + 8] += n * scores * w
     return acc
 
 
@@ -205,8 +279,8 @@ def test_blend_logits_or_probabilities() -> None:
     probs = sliding_window(_window_ramp, image, 0, (8, 8, 8), S(), output="probabilities")
     acc = _brute_blend(image, "logits")
     norm = np.zeros((8, 8, 12))
-    for x0 in (0, 4):
-        norm[:, :, x0 : x0 + 8] += patch_weight_map((8, 8, 8))
+    for x0, n in ((0, 1), (4, 2)):
+        norm[:, :, x0 : x0 + 8] += n * patch_weight_map((8, 8, 8))
     mean_logit = acc / norm
     expected = np.exp(mean_logit) / np.exp(mean_logit).sum(0, keepdims=True)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
@@ -228,3 +302,27 @@ def test_volume_mode_scales_with_the_training_resize() -> None:
     np.testing.assert_array_equal(cubic, expected)
     trilinear = infer_case(pred, image, 0, task_patch, S(volume_resize="trilinear"), model_patch=model_patch)
     assert (cubic != trilinear).sum() > 0
+
+
+def test_predict_flags_reach_the_settings() -> None:
+    """The defaults of predict.py are the preset's; every option of this module has a flag."""
+    import predict
+
+    assert predict.settings_from_args(
+        predict.build_parser().parse_args(["--ckp", "x", "--input", "i", "--output", "o"])
+    ) == S(progress=True)
+    args = ["--ckp", "x", "--input", "i", "--output", "o", "--weight_mode", "linear_symmetric",
+            "--window_count", "once", "--pad_mode", "exact", "--volume_scaling", "round",
+            "--accumulator", "float32", "--closing_border", "keep", "--weight_mask", "before_after"]  # fmt: skip
+    got = predict.settings_from_args(predict.build_parser().parse_args(args))
+    assert (got.weight_mode, got.window_count, got.pad_mode, got.volume_scaling) == (
+        "linear_symmetric",
+        "once",
+        "exact",
+        "round",
+    )
+    assert (got.accum_dtype, got.closing_border, got.weight_mask) == ("float32", "keep", "before_after")
+    fp16 = predict.build_parser().parse_args(
+        ["--ckp", "x", "--input", "i", "--output", "o", "--fp16_accumulator"]
+    )
+    assert predict.settings_from_args(fp16).accum_dtype == "float16"

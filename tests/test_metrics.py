@@ -95,3 +95,15 @@ def test_evaluate_folder(tmp_path: Path) -> None:
                                   csv_path=tmp_path / "m.csv")  # fmt: skip
     assert rows[0]["case"] == "c1" and rows[0]["dice_1"] == pytest.approx(2 * 8 / 24)
     assert means["dice_1"] == rows[0]["dice_1"] and (tmp_path / "m.csv").is_file()
+
+
+def test_evaluate_case_with_background() -> None:
+    """``include_background`` adds class 0 first (the original's multiClassDice reports it too)."""
+    ref = np.zeros((4, 4, 4), np.uint8)
+    ref[:2] = 1
+    pred = np.zeros_like(ref)
+    pred[:1] = 1
+    row = evaluate_case(pred, ref, 2, with_hd95=False, include_background=True)
+    assert list(row) == ["dice_0", "dice_1"]
+    assert row["dice_0"] == pytest.approx(2 * 32 / (48 + 32)) and row["dice_1"] == pytest.approx(2 * 16 / 48)
+    assert list(evaluate_case(pred, ref, 2, with_hd95=False)) == ["dice_1"]

@@ -152,7 +152,7 @@ def test_predict_bad_inputs_each_named_others_done(
         "zero.nii.gz": "every voxel of the image (MOD0) is 0",
         "not_nifti.nii.gz": "not a readable NIfTI file",
         "truncated.nii.gz": "truncated",
-        "notes.txt": "not a NIfTI file",
+        "notes.txt": "unsupported file type .txt",
     }
     listing = err.split("input(s) failed:")[1]
     for name, why in expected.items():

@@ -21,7 +21,13 @@ from training.augmentation import (
     seeded_global_rng,
 )
 from training.loader import TrainLoader
-from training.sampling import PatchSampler, compute_case_info, extract_patch, num_foreground_samples
+from training.sampling import (
+    PatchSampler,
+    compute_case_info,
+    extract_patch,
+    num_foreground_samples,
+    structure_voxel,
+)
 from utils.folds import fold_case_ids
 from utils.preprocessing import list_cases
 
@@ -103,6 +109,8 @@ def test_case_info_and_extract_patch() -> None:
     assert info.fore_bbox.tolist() == [[2, 4], [3, 8], [4, 5]]
     assert info.small_bbox.tolist() == [[3, 3], [4, 4], [5, 5]]
     assert len(info.fore_points) == 5 and all(label[tuple(p)] > 0 for p in info.fore_points)
+    assert info.fore_cumcount.tolist() == [0, 0, 12, 24, 36, 36, 36, 36, 36, 36]
+    assert info.small_cumcount.tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1, 1]
     assert compute_case_info(np.zeros((3, 3, 3), np.uint8), 2).fore_bbox is None
     arr = np.arange(2 * 4 * 5 * 6, dtype=np.float32).reshape(2, 4, 5, 6) + 1
     out = extract_patch(arr, (-2, 3, 1), (6, 4, 7))
@@ -140,6 +148,42 @@ def test_first_samples_hold_foreground(task_dir: Path, plans: dict, augment: boo
                     assert (b["seg"][i] == 2).any()
             assert set(np.unique(b["seg"])) <= {0.0, 1.0, 2.0}
             assert "tiny_004" not in b["case_ids"][:3]
+
+
+def test_structure_voxel_is_the_kth_in_raster_order() -> None:
+    """structure_voxel(k) = np.where(structure)[k] for every k (the original's voxel list), reading one
+    slice of the label."""
+    rng = np.random.default_rng(5)
+    label = (rng.random((7, 9, 6)) < 0.3).astype(np.uint8) * rng.integers(1, 3, (7, 9, 6)).astype(np.uint8)
+    info = compute_case_info(label, small_label=2)
+    for value, cumcount, mask in (
+        (None, info.fore_cumcount, label > 0),
+        (2, info.small_cumcount, label == 2),
+    ):
+        voxels = np.argwhere(mask)
+        assert int(cumcount[-1]) == len(voxels)
+        got = np.array([structure_voxel(label, cumcount, k, value) for k in range(len(voxels))])
+        np.testing.assert_array_equal(got, voxels)
+        with pytest.raises(IndexError):
+            structure_voxel(label, cumcount, len(voxels), value)
+
+
+def test_kind_probabilities_from_the_plans(task_dir: Path, plans: dict) -> None:
+    """Task09_Spleen's plans (small_prob = fore_prob = 0, as the original's config): the forced samples
+    are "fore", all the others "any"; plans written before the keys existed get the preset row's
+    values; --kind_probs overrides both."""
+    cases = [c for c in list_cases(task_dir) if Path(c).name in ("tiny_000", "tiny_001", "tiny_003")]
+    spleen = {**plans, "small_prob": 0.0, "fore_prob": 0.0}
+    legacy = {**plans, "preset_row": "Task09_Spleen"}  # no small_prob / fore_prob keys
+    for p in (spleen, legacy):
+        it = TrainLoader(cases, p, 5, seed=0, augment=False)
+        for _ in range(20):
+            assert next(it)["kinds"] == ["fore"] * 3 + ["any"] * 2
+    kinds = set()
+    it = TrainLoader(cases, spleen, 5, seed=0, augment=False, kind_probs=(0.3, 0.3))
+    for _ in range(20):
+        kinds |= set(next(it)["kinds"])
+    assert kinds == {"any", "fore", "small"}
 
 
 def test_kind_distribution(task_dir: Path) -> None:

@@ -117,7 +117,8 @@ def test_cli_defaults_are_the_config_defaults(modes: tuple[str, str]) -> None:
     cfg = config_from_args(parser.parse_args(["--tasks", A]))
     assert cfg == TrainConfig(mode=modes[0], tasks=[A])
     flags = dict(flag_fields())
-    settings = {f.name for f in fields(TrainConfig)} - {"mode", "tasks"}
+    # extension: no flag, filled in by an extension run (what --ckp added)
+    settings = {f.name for f in fields(TrainConfig)} - {"mode", "tasks", "extension"}
     assert set(flags) == settings  # no run setting without a flag
     option_strings = {s for action in parser._actions for s in action.option_strings}
     assert set(flags.values()) <= option_strings
@@ -194,6 +195,32 @@ def test_shared_crash_between_checkpoints_resumes_from_last(data: Path, tmp_path
     a = load_checkpoint(ref.run_dir / "checkpoints" / LATEST)["state_dict"]
     b = load_checkpoint(ckdir / LATEST)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("order", ["original", "same_epoch"])
+def test_lr_stop_order_checkpoints_and_resume(order: str, data: Path, tmp_path: Path) -> None:
+    """The rate halves every epoch from epoch 2 (window 1, any change is a plateau) and falls below
+    --lr_stop after epoch 3. The original's order trains epoch 4 at that rate, validates and stops;
+    'same_epoch' stops after epoch 3. A resume from epoch 3's checkpoint finishes exactly like the run."""
+    cfg = _config(data, tmp_path, "independent", [A], max_epoch=10, steps_per_epoch=1, save_every=100,
+                  lr=1e-3, lr_window=1, lr_min_delta=1e9, lr_stop=3e-4, lr_stop_order=order,
+                  log_images_every=0)  # fmt: skip
+    (prep,) = prepare_runs(cfg)
+    full = _losses(prep)
+    last = 4 if order == "original" else 3
+    assert sorted(full) == list(range(1, last + 1))
+    ckdir = prep.run_dir / "checkpoints"
+    st = load_checkpoint(ckdir / LATEST)["train_state"]["state"]
+    assert (st["epoch"], st["finished"], st["lr_rule"]["stopped"]) == (last, True, True)
+    assert [h["lr"] for h in st["loss_history"]] == [1e-3, 1e-3, 5e-4, 2.5e-4][:last]
+    assert [v["epoch"] for v in st["val_history"]] == [last]  # --val_every 0: the last epoch only
+    # numbered: the epoch whose halving ran the rate out (the original saved it) and the last
+    assert {p.name for p in ckdir.glob("epoch_*.pt")} == {numbered_name(3), numbered_name(last)}
+    (again,) = prepare_runs(cfg, str(prep.run_dir), resume_epoch=3)
+    resumed = _losses(again)
+    assert resumed == ({4: full[4]} if order == "original" else {})
+    (done,) = prepare_runs(cfg, "latest")  # a finished run has nothing left to train
+    assert _losses(done) == {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,12 @@ are called x, y, z and ``angle_x`` builds the matrix that leaves coordinate 0 un
 When augmenting, the sampler cuts a larger region around the centre (:func:`extraction_size`: room
 for the worst-case rotation and 1.25 up-scaling plus an elastic margin) so that rotated / scaled
 patches show real image context, as in the original, which interpolated from the whole volume; the
-centre crop of ``SpatialTransform`` then returns the task patch. Then :class:`MirrorAxesTransform`
+centre crop of ``SpatialTransform`` then returns the task patch. Its sample grid lies on the plain
+crop's voxels (``size - patch`` even, centre at ``(size - 1) / 2``): sample ``j`` of an axis is voxel
+``centre - patch // 2 + j`` before the transform, the same voxel as in a plain crop. (The original's
+``cc_augment`` centred its grid at ``centre + j - (patch - 1) / 2``: for an even patch axis half a voxel
+off, the cubic image read at +0.5 and the nearest-neighbour label at +1; docs/paper_preset.md, defect
+fixed; ``tests/test_golden_training.py``.) Then :class:`MirrorAxesTransform`
 mirrors the LAST axis: a gate with p 0.3, then a flip with p 0.5 (effective 0.15, as the original).
 :class:`SampleAugmenter` does these steps for one sample, so that the sampler
 (:mod:`training.sampling`) can redraw them until a "fore"/"small" patch still holds its structure.

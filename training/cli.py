@@ -26,6 +26,7 @@ from training.setup import (
     adapt_like_original_code,
     adapt_to_new_task,
     build_fresh_model,
+    grow_task_classes,
     setup_from_checkpoint,
 )
 from training.state import (
@@ -58,7 +59,8 @@ def build_parser(
         required=True,
         metavar="TASK",
         help="task folder names (e.g. Task02_Heart Task03_Liver); independent mode trains one model per "
-        "task; with --ckp: the ONE new task to add to the trained model",
+        "task; with --ckp: the ONE new task to add to the trained model (with --add_classes_to: the task whose "
+        "larger label set a trained domain takes)",
     )
     g.add_argument(
         "--trainMode",
@@ -100,9 +102,9 @@ def build_parser(
         choices=["val", "test"],
         default=None,
         metavar="WHAT",
-        help="after training, segment with the best checkpoint and write NIfTI label maps in the original "
-        "geometry to <run>/predictions/<task>/: 'val' (the fold's validation cases; the default when "
-        "--predict is given alone) and/or 'test' (<dataset_dir>/<task>/imagesTs)",
+        help="after training, segment with the best checkpoint and write label maps in the original "
+        "geometry to <run>/predictions/<task>/: 'val' (the fold's validation cases, NIfTI; the default when "
+        "--predict is given alone) and/or 'test' (<dataset_dir>/<task>/imagesTs, in the images' format)",
     )
     groups[HARDWARE].add_argument(
         "--no_progress",
@@ -183,8 +185,22 @@ def prepare_runs(
         if config.adapt_scope == "original_code":
             setup = adapt_like_original_code(ckpt, new, torch_seed=config.torch_seed)
             return [Prepared(config, [new], setup, _fresh(config.run_dir()))]
-        setup = adapt_to_new_task(ckpt, new, init_from=config.init_from, torch_seed=config.torch_seed)
-        tasks = [placeholder_task(config.prep_dir, t["name"], t["plans"]) for t in ckpt["tasks"]] + [new]
+        if config.add_classes_to:
+            setup = grow_task_classes(
+                ckpt,
+                new,
+                config.add_classes_to,
+                scope=config.add_classes_train,
+                init=config.add_classes_init,
+                torch_seed=config.torch_seed,
+            )
+        else:
+            setup = adapt_to_new_task(ckpt, new, init_from=config.init_from, torch_seed=config.torch_seed)
+        config.extension = setup.extension  # kept in config.json and every checkpoint of the run
+        tasks = [
+            new if i in setup.trained_tasks else placeholder_task(config.prep_dir, name, plans)
+            for i, (name, plans) in enumerate(zip(setup.task_names, setup.task_plans, strict=True))
+        ]
         return [Prepared(config, tasks, setup, _fresh(config.run_dir()))]
     tasks = [_task(config, n) for n in config.tasks]
     return [Prepared(config, tasks, build_fresh_model(config, tasks), _fresh(config.run_dir()))]
@@ -194,6 +210,8 @@ def _resumed(config: TrainConfig, path: Path, resume_epoch: int) -> Prepared:
     """The run that continues from the training checkpoint ``path``."""
     ckpt = load_training_checkpoint(path, resume_epoch)
     setup = setup_from_checkpoint(ckpt)
+    if setup.extension is not None:  # config.json is rewritten: keep what the run added
+        config.extension = setup.extension
     trained_names = [setup.task_names[t] for t in setup.trained_tasks]
     if trained_names != config.tasks:
         raise ValueError(

@@ -14,6 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from models.params import NEW_CLASS_SCOPES
 from models.runtime import AMP_MODES
 from models.triton_depthwise import DEPTHWISE_KERNEL_MODES
 from models.unet import ADAPTER_MODULES, TRAIN_MODES
@@ -40,8 +41,14 @@ GROUPS = (WHAT, DATA, SCHEDULE, METHOD, HARDWARE)
 PRESET_VAL_EVERY = {"independent": 10, "shared": 20, "universal": 20}
 #: what --adapt_scope accepts (docs/paper_preset.md, "New domain")
 ADAPT_SCOPES = ("extend", "original_code")
+#: how the head channels of a grown label set's new classes start (--add_classes_init)
+NEW_CLASS_INITS = ("fresh", "parent")
 #: how "fore"/"small" patch centres are drawn (training.sampling)
 CENTRE_MODES = ("original", "safe")
+#: which structure voxels "fore"/"small" centres are drawn around (training.sampling)
+CENTRE_VOXELS = ("all", "subset")
+#: when a run whose LR fell below --lr_stop stops (training.optim.PlateauHalving)
+LR_STOP_ORDERS = ("original", "same_epoch")
 #: how augmentation and the unified-patch resize interpolate (training.composed_augment)
 AUGMENT_PIPELINES = ("two_step", "composed")
 #: where augmented samples are interpolated (training.device_augment)
@@ -84,10 +91,36 @@ class TrainConfig:
     )
     init_from: str | None = _opt(
         None,
-        "with --ckp: start the new task's norms/adapters as copies of this old task's (default: fresh "
-        "initialisation); heads are always fresh",
+        "with --ckp (--adapt_scope extend): where the new domain's own parameters start: 'auto' = copied from "
+        "the trained domain with the same modalities and the nearest foreground intensities (plans' "
+        "intensity_stats), TASK = from that domain, 'none' = fresh; the adapters and norms are copied, the input "
+        "head when the modality count matches, the class heads when the class count matches (default: auto; "
+        "--adapt_scope original_code always starts fresh, as the original)",
+        WHAT,
+        metavar="auto|TASK|none",
+    )
+    add_classes_to: str | None = _opt(
+        None,
+        "with --ckp: grow the label set of this trained domain instead of adding a domain: --tasks names the ONE "
+        "task with its images and the larger label set (every existing class kept at its number, new classes "
+        "after them); the domain takes that task's name and plans, its heads get the new class channels",
         WHAT,
         metavar="TASK",
+    )
+    add_classes_train: str = _opt(
+        "domain",
+        "with --add_classes_to: what trains: 'domain' = the domain's own adapters, norms and heads; 'heads' = "
+        "only its class heads; every other domain and the shared weights stay frozen either way",
+        WHAT,
+        choices=NEW_CLASS_SCOPES,
+    )
+    add_classes_init: str = _opt(
+        "fresh",
+        "with --add_classes_to: how a new class's head channels start: 'fresh' = a new random initialisation; "
+        "'parent' = a copy of the class whose voxels it takes over (by raw label value: liver for a tumour fused "
+        "into it before, else background), its logit 1 lower, so that the model first predicts what it did",
+        WHAT,
+        choices=NEW_CLASS_INITS,
     )
     fold: int = _opt(
         0, "cross-validation fold of --folds_file whose val cases are validated on", WHAT, type=int
@@ -96,7 +129,12 @@ class TrainConfig:
     base_channels: int = _opt(
         16, "channels of the first U-Net level (16 in the paper)", WHAT, flag="--base_outChans", type=int
     )
-    dataset_dir: str = _opt("dataset", "raw MSD task folders (used by --predict test)", DATA)
+    dataset_dir: str = _opt(
+        "dataset",
+        "raw task folders, MSD or nnU-Net v2 layout (--predict test segments their imagesTs; validation in the "
+        "original geometry reads their labelsTr)",
+        DATA,
+    )
     prep_dir: str = _opt("prepData", "preprocessed data of preprocess_taskSep.py", DATA)
     folds_file: str | None = _opt(
         None,
@@ -178,6 +216,14 @@ class TrainConfig:
     )
     lr_factor: float = _opt(0.5, "plateau rule: factor applied to the LR on a plateau", SCHEDULE, type=float)
     lr_stop: float = _opt(1e-8, "stop training once the LR is below this", SCHEDULE, type=float)
+    lr_stop_order: str = _opt(
+        "original",
+        "when the LR falls below --lr_stop: 'original' = train one more epoch at that rate, then validate, save "
+        "and stop (the original checks the rate before the epoch's halving); 'same_epoch' = validate, save and "
+        "stop after the epoch whose halving crossed it",
+        SCHEDULE,
+        choices=LR_STOP_ORDERS,
+    )
     skip_nonfinite: int = _opt(
         0,
         "skip up to N optimisation steps whose loss is NaN/Inf (not applied, each logged; counted over the "
@@ -225,6 +271,22 @@ class TrainConfig:
         "any augmentation keeps the structure (no redraws)",
         METHOD,
         choices=CENTRE_MODES,
+    )
+    centre_voxels: str = _opt(
+        "all",
+        "'fore'/'small' centres are drawn around a voxel of the structure picked uniformly among 'all' its voxels "
+        "(the original) or among an evenly spaced 'subset' of at most 2,048 per case",
+        METHOD,
+        choices=CENTRE_VOXELS,
+    )
+    kind_probs: list[float] | None = _opt(
+        None,
+        "probabilities of 'small' and 'fore' training patches (default: the task's plans: 0 0 for Task09_Spleen, "
+        "0.3 0.3 for the other tasks, as the original)",
+        METHOD,
+        nargs=2,
+        type=float,
+        metavar=("SMALL", "FORE"),
     )
     adapt_scope: str = _opt(
         "extend",
@@ -309,6 +371,9 @@ class TrainConfig:
         HARDWARE,
         type=int,
     )
+    #: no flag: what a --ckp run added (new domain: its warm start; new classes: the domain and the classes),
+    #: filled in when the run is prepared (training.setup), kept in config.json and the checkpoints
+    extension: dict[str, Any] | None = None
     dist_timeout: int = _opt(
         1800,
         "under torchrun: seconds a collective of the training steps waits for the other processes before the "
@@ -366,12 +431,46 @@ class TrainConfig:
             raise ValueError(f"lovasz_classes must be 'all' or 'present', got {self.lovasz_classes!r}")
         if self.centre_mode not in CENTRE_MODES:
             raise ValueError(f"centre_mode must be one of {CENTRE_MODES}, got {self.centre_mode!r}")
+        if self.centre_voxels not in CENTRE_VOXELS:
+            raise ValueError(f"centre_voxels must be one of {CENTRE_VOXELS}, got {self.centre_voxels!r}")
+        if self.lr_stop_order not in LR_STOP_ORDERS:
+            raise ValueError(f"lr_stop_order must be one of {LR_STOP_ORDERS}, got {self.lr_stop_order!r}")
+        if self.kind_probs is not None:
+            self.kind_probs = [float(v) for v in self.kind_probs]
+            probs = self.kind_probs
+            if len(probs) != 2 or min(probs) < 0.0 or sum(probs) > 1.0:
+                raise ValueError(
+                    f"kind_probs must be two probabilities with a sum <= 1, got {self.kind_probs}"
+                )
         if self.adapt_scope not in ADAPT_SCOPES:
             raise ValueError(f"adapt_scope must be one of {ADAPT_SCOPES}, got {self.adapt_scope!r}")
         if not 0.0 <= self.mirror_flip_p <= 1.0:
             raise ValueError(f"mirror_flip_p must be in [0, 1], got {self.mirror_flip_p}")
         if self.mode == "independent" and self.ckp:
             raise ValueError("--ckp (new-domain adaptation) needs a shared or universal model")
+        if self.add_classes_init not in NEW_CLASS_INITS:
+            raise ValueError(
+                f"add_classes_init must be one of {NEW_CLASS_INITS}, got {self.add_classes_init!r}"
+            )
+        if self.add_classes_train not in NEW_CLASS_SCOPES:
+            raise ValueError(
+                f"add_classes_train must be one of {NEW_CLASS_SCOPES}, got {self.add_classes_train!r}"
+            )
+        if self.add_classes_to and not self.ckp:
+            raise ValueError(
+                "--add_classes_to grows a domain of a trained model: give its checkpoint with --ckp"
+            )
+        if self.add_classes_to and self.init_from not in (None, "none"):
+            raise ValueError(
+                "--init_from starts a new domain; --add_classes_to keeps the domain's own parameters"
+            )
+        if self.adapt_scope == "original_code" and (
+            self.add_classes_to or self.init_from not in (None, "none")
+        ):
+            raise ValueError(
+                "--adapt_scope original_code starts the new domain as the original code did (a new model, fresh "
+                "except the copied shared conv weights): --init_from and --add_classes_to need --adapt_scope extend"
+            )
 
     # -- derived values -----------------------------------------------------------------------
     def run_name(self) -> str:

@@ -149,6 +149,8 @@ def make_epoch_loader(
     num_workers: int = 0,
     augment: bool | AugmentParams = True,
     centre_mode: str = "original",
+    centre_voxels: str = "all",
+    kind_probs: Sequence[float] | None = None,
     pin_memory: bool = False,
     rank: int = 0,
     pipeline: str = "two_step",
@@ -159,8 +161,8 @@ def make_epoch_loader(
 
     Yields ``{"data": (B, M, *P), "seg": (B, 1, *P), ...}`` tensors with ``P = model_patch`` (resized)
     or the task patch. Close it (or use it as a context manager) when the epoch is over.
-    ``pipeline`` and ``augment_device``: :class:`training.loader.TrainLoader`'s (``--augment_pipeline``,
-    ``--augment_device``).
+    ``pipeline``, ``augment_device``, ``centre_voxels`` and ``kind_probs``: :class:`training.loader.TrainLoader`'s
+    (``--augment_pipeline``, ``--augment_device``, ``--centre_voxels``, ``--kind_probs``).
     """
     return TrainLoader(
         task.train_cases,
@@ -171,6 +173,8 @@ def make_epoch_loader(
         seed=epoch_seed(seed, epoch, task_idx, rank),
         augment=augment,
         centre_mode=centre_mode,
+        centre_voxels=centre_voxels,
+        kind_probs=kind_probs,
         case_info=scan_cases(task),
         pin_memory=pin_memory,
         pipeline=pipeline,

@@ -38,6 +38,7 @@ from training.augmentation import (
 from training.composed_augment import ComposedAugmenter
 from training.device_augment import resample_batch
 from training.sampling import CaseInfo, PatchSampler
+from utils.task_settings import patch_kind_probs
 from utils.triples import int3
 
 __all__ = ["TrainLoader"]
@@ -71,7 +72,8 @@ class TrainLoader:
 
     Args:
         cases: case prefix paths ``prepData/<Task>/train/<case>`` (:func:`utils.preprocessing.list_cases`).
-        plans: the task's plans (uses ``patch_size`` and ``small_label``).
+        plans: the task's plans (uses ``patch_size``, ``small_label`` and the patch-kind probabilities
+            ``small_prob``/``fore_prob``, :func:`utils.task_settings.patch_kind_probs`).
         batch_size: B.
         model_patch: model patch ``(z, y, x)`` of shared/universal training; patches are resized to
             it. None: batches have the task patch size.
@@ -80,6 +82,9 @@ class TrainLoader:
         augment: True (the preset's :class:`AugmentParams`), False (none) or custom parameters.
         centre_mode: how "fore"/"small" centres are drawn, ``"original"`` (redraws) or ``"safe"``
             (:class:`training.sampling.PatchSampler`).
+        centre_voxels: the structure voxels those centres are drawn around: ``"all"`` (uniform over
+            every voxel, the original) or ``"subset"`` (:class:`training.sampling.PatchSampler`).
+        kind_probs: ``(p_small, p_fore)`` instead of the plans' (``--kind_probs``).
         case_info: the per-case label scans (:func:`training.sampling.compute_case_info`, by index
             into ``cases``), computed once per run and handed to every epoch's loader and worker.
         context: when augmenting, cut a larger region so rotated/scaled patches show real image
@@ -108,6 +113,8 @@ class TrainLoader:
         augment: bool | AugmentParams = True,
         case_info: Mapping[int, CaseInfo] | None = None,
         centre_mode: str = "original",
+        centre_voxels: str = "all",
+        kind_probs: Sequence[float] | None = None,
         context: bool = True,
         draws_per_case: int = 2,
         prefetch: int = 2,
@@ -126,6 +133,9 @@ class TrainLoader:
         if pipeline not in ("two_step", "composed"):
             raise ValueError(f"pipeline must be 'two_step' or 'composed', got {pipeline!r}")
         small = plans.get("small_label")
+        p_small, p_fore = (
+            (float(v) for v in kind_probs) if kind_probs is not None else patch_kind_probs(plans)
+        )
         out = int3(model_patch) if model_patch is not None else patch
         augmenter: Any = SampleAugmenter(patch, aug) if aug is not None else None
         finish: Any = None
@@ -147,6 +157,9 @@ class TrainLoader:
             output_size=out if finish is not None else patch,
             finish=finish,
             centre_mode=centre_mode,
+            centre_voxels=centre_voxels,
+            p_small=p_small,
+            p_fore=p_fore,
             jitter=safe_jitter(patch, aug),
             draws_per_case=draws_per_case,
             seed=seed,

@@ -52,9 +52,66 @@ EXACT_RESUME_KEYS = (
     "augment",
     "mirror_flip_p",
     "centre_mode",
+    "centre_voxels",
+    "kind_probs",
     "augment_pipeline",
     "augment_device",
 )
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What follows an epoch (docs/paper_preset.md, "Training"; the end of the original's ``train()``).
+
+    Attributes:
+        lr_used: the learning rate the epoch trained with.
+        lr: the rate of the next epoch (after the LR rule).
+        stop: the LR rule ends training after this epoch.
+        last: the last epoch (``stop`` or ``max_epoch``).
+        validate: periodic validation is due (:meth:`TrainConfig.should_validate`), or the last epoch.
+        keep: a numbered checkpoint is kept: every ``save_every`` epochs, the last epoch, and the epoch
+            whose halving took the rate below ``lr_stop`` (the original saved one then).
+    """
+
+    lr_used: float
+    lr: float
+    stop: bool
+    last: bool
+    validate: bool
+    keep: bool
+
+
+def make_lr_rule(config: TrainConfig) -> PlateauHalving:
+    """The run's learning-rate rule from its settings (``--lr``, ``--lr_window``, ..., ``--lr_stop_order``)."""
+    return PlateauHalving(
+        config.lr,
+        window=config.lr_window,
+        min_delta=config.lr_min_delta,
+        factor=config.lr_factor,
+        stop_below=config.lr_stop,
+        stop_order=config.lr_stop_order,
+    )
+
+
+def end_of_epoch(config: TrainConfig, lr_rule: PlateauHalving, epoch: int, epoch_loss: float) -> EpochEnd:
+    """Apply the LR rule to epoch ``epoch``'s mean loss and say what follows (:class:`EpochEnd`).
+
+    With ``--lr_stop_order original`` (the preset) the rate the epoch trained with is checked before
+    the epoch's halving, as the original did: the epoch whose halving takes the rate below ``lr_stop``
+    is followed by one more epoch at that rate, then the last validation, checkpoint and stop.
+    """
+    lr_used = lr_rule.lr
+    stop = lr_rule.end_epoch(epoch_loss)
+    last = stop or epoch == config.max_epoch
+    ran_out = lr_rule.should_stop and lr_used >= lr_rule.stop_below
+    return EpochEnd(
+        lr_used=lr_used,
+        lr=lr_rule.lr,
+        stop=stop,
+        last=last,
+        validate=config.should_validate(epoch) or last,
+        keep=config.should_save_numbered(epoch) or last or ran_out,
+    )
 
 
 @dataclass
@@ -146,13 +203,7 @@ def fit(
     ctx.broadcast_parameters(model)  # data-parallel: every process starts from rank 0's weights
     optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    lr_rule = PlateauHalving(
-        config.lr,
-        window=config.lr_window,
-        min_delta=config.lr_min_delta,
-        factor=config.lr_factor,
-        stop_below=config.lr_stop,
-    )
+    lr_rule = make_lr_rule(config)
     state = TrainState()
     resume = prep.resume_ckpt
     if resume is None:  # the preset's seeds (torch's was set before the model was built)
@@ -193,7 +244,7 @@ def fit(
                 for w in warnings + _world_size_warnings(resume["train_state"], ctx.world_size):
                     run_log.info(f"WARNING: {w}")
             config.save(run_dir / "config.json")
-            report = parameter_report(model, setup.task_names, setup.new_task)
+            report = parameter_report(model, setup.task_names, setup.new_task, extension=setup.extension)
             atomic_write_json(run_dir / "params.json", report)
             run_log.info(format_parameter_report(report))
         except BaseException:
@@ -249,8 +300,8 @@ def _epochs(
     model, device = setup.model, options.device
     trained = setup.trained_tasks
     names = setup.task_names
-    if state.epoch >= config.max_epoch or lr_rule.should_stop:
-        why = "the learning rate ran out" if lr_rule.should_stop else f"max_epoch {config.max_epoch}"
+    if state.epoch >= config.max_epoch or lr_rule.stopped:
+        why = "the learning rate ran out" if lr_rule.stopped else f"max_epoch {config.max_epoch}"
         log.info(f"nothing to train: {state.epoch} epochs done ({why})")
         return state
     segmentation_loss = SegmentationLoss(
@@ -290,6 +341,8 @@ def _epochs(
                 num_workers=config.num_workers,
                 augment=AugmentParams(p_mirror_flip=config.mirror_flip_p) if config.augment else False,
                 centre_mode=config.centre_mode,
+                centre_voxels=config.centre_voxels,
+                kind_probs=config.kind_probs,
                 pin_memory=device.type == "cuda",
                 rank=ctx.rank,
                 pipeline=config.augment_pipeline,
@@ -370,8 +423,8 @@ def _epochs(
         n = sum(counts.values())
         epoch_loss = sum(sums.values()) / max(n, 1)
         per_task = {names[t]: sums[t] / counts[t] for t in trained if counts[t]}
-        lr_used = lr_rule.lr
-        new_lr = lr_rule.update(epoch_loss)
+        end = end_of_epoch(config, lr_rule, epoch, epoch_loss)
+        lr_used, new_lr = end.lr_used, end.lr
         lr_note = f" -> {new_lr:.3g}" if new_lr != lr_used else ""
         set_lr(optimizer, new_lr)
         state.epoch = epoch
@@ -390,19 +443,22 @@ def _epochs(
             f"{train_time:.1f}s ({100 * wait / max(train_time, 1e-9):.0f}% waiting for data; "
             f"augmentation redrawn {redrawn}x, {plain_crops} plain crop(s))"
         )
-        stop = lr_rule.should_stop
-        last = stop or epoch == config.max_epoch
+        if lr_rule.should_stop and not end.last:
+            log.info(
+                f"learning rate {new_lr:.3g} < {config.lr_stop:g}: one more epoch at it, then training stops"
+            )
 
         # rank 0 only; the others wait for it without a time limit that a validation could reach
         ctx.run_on_main(
             functools.partial(
-                _validate_and_save, prep, infer, state, log, optimizer, scaler, epoch, last, ctx.world_size
+                _validate_and_save, prep, infer, state, log, optimizer, scaler, epoch, end, ctx.world_size
             ),
             f"the validation and checkpoint after epoch {epoch}",
         )
-        state.finished = last
-        if stop:
-            log.info(f"learning rate {new_lr:.3g} < {config.lr_stop:g}: training stops after epoch {epoch}")
+        state.finished = end.last
+        if end.stop:
+            rate = min(lr_used, new_lr)
+            log.info(f"learning rate {rate:.3g} < {config.lr_stop:g}: training stops after epoch {epoch}")
             break
     return state
 
@@ -415,15 +471,15 @@ def _validate_and_save(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     epoch: int,
-    last: bool,
+    end: EpochEnd,
     world_size: int,
 ) -> None:
     """The end of an epoch: validation when due, then the checkpoint (rank 0 of a data-parallel run)."""
     config, setup = prep.config, prep.setup
     best = False
-    if config.should_validate(epoch) or last:
+    if end.validate:
         best = _validate_and_log(prep, infer, state, log, epoch)
-    state.finished = last
+    state.finished = end.last
     # events up to this step reach the disk before the checkpoint that a resume starts from
     # (a resume purges the later ones), so a kill can lose no step
     log.flush()
@@ -438,7 +494,7 @@ def _validate_and_save(
         config=config.to_dict(),
         trained_tasks=setup.trained_tasks,
         new_task=setup.new_task,
-        numbered=config.should_save_numbered(epoch) or last,
+        numbered=end.keep,
         best=best,
         world_size=world_size,
     )

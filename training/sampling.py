@@ -13,15 +13,19 @@ Sampling (paper preset, ``docs/paper_preset.md``, "Patch sampling"):
 * Patch kinds: ``"any"`` (random centre), ``"fore"`` (centre near a foreground voxel) and ``"small"``
   (centre near a voxel of ``plans["small_label"]``); the centre rules of both modes are in
   :class:`PatchSampler`.
-* Batch composition: the first ``min(B, ceil(B/3) + 1)`` samples must hold foreground: ``"small"``
-  with p 0.3 when the case has that label, else ``"fore"`` (a case without any foreground is skipped
-  for these samples). The others are ``"small"`` with p 0.3, ``"fore"`` with p 0.3, else ``"any"``
-  (one uniform number ``u`` per sample: ``u < 0.3`` small, ``u >= 0.7`` fore; as in the original, a
-  "small" draw in a case without the small label becomes "any", a "fore" draw in a case without
-  foreground becomes "any"). ``kinds`` reports the kind actually used.
-* Structure voxels are drawn from a cached, evenly spaced subset of each structure's voxels; per case
-  the foreground and small-structure bounding boxes and voxel subsets are computed ONCE from the
-  label array (:func:`compute_case_info`); pass them in (``case_info``) to avoid the scan.
+* Batch composition (:func:`choose_kind`, the original's ``tb_load.gen_batch``): one uniform number
+  ``u`` per sample; the first ``min(B, ceil(B/3) + 1)`` samples must hold foreground: ``"small"`` when
+  ``u < p_small`` and the case has that label, else ``"fore"`` (a case without any foreground is
+  skipped for these samples). The others are ``"small"`` when ``u < p_small`` and the case has it,
+  else ``"fore"`` when ``1 - u < p_fore`` and the case has foreground, else ``"any"``. ``p_small`` and
+  ``p_fore`` are the task's (plans keys ``small_prob``/``fore_prob``: 0.3 / 0.3, Task09_Spleen 0 / 0,
+  :func:`utils.task_settings.patch_kind_probs`). ``kinds`` reports the kind actually used.
+* Structure voxels (``centre_voxels``): ``"all"`` (the preset, as the original's ``np.where`` +
+  ``np.random.choice``) draws ``k`` uniformly among ALL the structure's voxels and finds the ``k``-th
+  in raster order from per-slice cumulative counts (:func:`structure_voxel`: one label slice read per
+  draw, no voxel list kept); ``"subset"`` draws from a cached, evenly spaced subset of at most
+  ``max_points`` voxels. Per case the bounding boxes, per-slice counts and subsets are computed ONCE
+  from the label array (:func:`compute_case_info`); pass them in (``case_info``) to avoid the scan.
 * Patches are cut with zero padding (image 0, label 0) where they leave the volume.
 
 Randomness: one ``np.random.RandomState`` per sampler, seeded from ``(seed, worker id)``; the
@@ -46,23 +50,98 @@ from utils.preprocessing import case_id_of
 from utils.triples import Int3, int3
 
 __all__ = [
+    "CENTRE_VOXELS",
     "KINDS",
     "CaseInfo",
     "PatchSampler",
+    "choose_kind",
     "compute_case_info",
     "extract_patch",
     "num_foreground_samples",
+    "original_centre",
+    "structure_voxel",
 ]
 
 
 KINDS = ("any", "fore", "small")
 #: how "fore"/"small" centres are drawn (see :class:`PatchSampler`)
 CENTRE_MODES = ("original", "safe")
+#: which voxels of the structure a "fore"/"small" centre is drawn around (see :class:`PatchSampler`)
+CENTRE_VOXELS = ("all", "subset")
 
 
 def num_foreground_samples(batch_size: int) -> int:
     """Samples at the start of a batch that must hold foreground: ``min(B, ceil(B/3) + 1)``."""
     return min(batch_size, math.ceil(batch_size / 3) + 1)
+
+
+def choose_kind(
+    u: float, require_fg: bool, has_fore: bool, has_small: bool, p_small: float, p_fore: float
+) -> str:
+    """The kind of one sample from its uniform number ``u`` (the original's ``tb_load.gen_batch``).
+
+    "small" when ``u < p_small`` and the case has the small structure; otherwise, for a sample that
+    must hold foreground, "fore" (a case without foreground gets "any": the sampler skips such cases
+    for these samples); for the others "fore" when ``1 - u < p_fore`` (computed as the original did,
+    so ``u`` on the border decides alike) and the case has foreground, else "any".
+    """
+    if u < p_small and has_small:
+        return "small"
+    if require_fg:
+        return "fore" if has_fore else "any"
+    if 1.0 - u < p_fore and has_fore:
+        return "fore"
+    return "any"
+
+
+def structure_voxel(label: np.ndarray, cumcount: np.ndarray, k: int, value: int | None) -> np.ndarray:
+    """The ``k``-th voxel, in raster (C) order, of a structure of ``label`` ``(z, y, x)``: the voxels
+    ``> 0`` (``value`` None, "fore") or ``== value`` ("small"); the original's ``np.where(...)[k]``.
+
+    ``cumcount`` ``(z,)``: cumulative per-slice voxel counts of that structure (:class:`CaseInfo`);
+    only slice ``z`` of ``label`` (e.g. a memory map) is read. Returns ``(3,)`` int64 ``(z, y, x)``.
+    """
+    total = int(cumcount[-1]) if len(cumcount) else 0
+    if not 0 <= k < total:
+        raise IndexError(f"voxel {k} of a structure of {total}")
+    z = int(np.searchsorted(cumcount, k, side="right"))
+    before = int(cumcount[z - 1]) if z else 0
+    plane = np.asarray(label[z])
+    mask = plane > 0 if value is None else plane == value
+    flat = int(np.flatnonzero(mask)[k - before])
+    return np.array([z, flat // plane.shape[1], flat % plane.shape[1]], dtype=np.int64)
+
+
+def original_centre(
+    rs: np.random.RandomState, shape: Sequence[int], patch: Sequence[int], voxel: np.ndarray | None = None
+) -> np.ndarray:
+    """The original's patch centre (its ``cc_augment`` with ``random_crop``), ``(3,)`` int64 in the
+    voxel coordinates of the volume of ``shape``; the patch starts at ``centre - patch // 2``.
+
+    The volume is padded symmetrically (``ceil(pad / 2)`` per side, its ``pad2gePatch``) to at least
+    the patch. Without ``voxel`` ("any"): per axis a centre in ``[p//2, padded - p//2)``; with the
+    structure ``voxel`` ("fore"/"small", unpadded coordinates): a centre within ``p/2 - 1`` of it and
+    in ``[p//2 - 1, padded - (p//2 - 1))``. Per axis one ``rs.randint(lo, hi)`` when ``hi > lo``
+    (even when that range holds one value), else ``lo``: the original's draws, number for number.
+    """
+    shp = np.asarray(shape, dtype=np.int64)
+    size = np.asarray(patch, dtype=np.int64)
+    before = np.ceil(np.maximum(size - shp, 0) / 2).astype(np.int64)
+    padded = shp + 2 * before
+    half = size // 2
+    centre = np.empty(3, dtype=np.int64)
+    if voxel is None:
+        for d in range(3):
+            lo, hi = int(half[d]), int(padded[d] - half[d])
+            centre[d] = lo if hi <= lo else rs.randint(lo, hi)
+        return centre - before
+    at = np.asarray(voxel, dtype=np.int64) + before
+    for d in range(3):
+        reach = size[d] / 2 - 1
+        lo = int(max(half[d] - 1, at[d] - reach))
+        hi = int(min(at[d] + reach, padded[d] - (half[d] - 1)))
+        centre[d] = lo if hi <= lo else rs.randint(lo, hi)
+    return centre - before
 
 
 def extract_patch(
@@ -107,6 +186,9 @@ class CaseInfo:
         small_bbox: same for the small structure (label == small_label), or None.
         fore_points: ``(K, 3)`` int32 evenly spaced subset (raster order) of the foreground voxels.
         small_points: ``(K', 3)`` int32 subset of the small-structure voxels.
+        fore_cumcount: ``(z,)`` int64 cumulative count of foreground voxels per z slice (its last
+            value is the total), for uniform draws over all voxels (:func:`structure_voxel`).
+        small_cumcount: ``(z,)`` the same for the small structure.
     """
 
     shape: Int3
@@ -114,6 +196,8 @@ class CaseInfo:
     small_bbox: np.ndarray | None
     fore_points: np.ndarray
     small_points: np.ndarray
+    fore_cumcount: np.ndarray
+    small_cumcount: np.ndarray
 
 
 def _subset(coords: np.ndarray, max_points: int) -> np.ndarray:
@@ -129,7 +213,8 @@ def _bbox(coords: np.ndarray) -> np.ndarray | None:
 
 
 def compute_case_info(label: np.ndarray, small_label: int | None, max_points: int = 2048) -> CaseInfo:
-    """Scan a label volume ``(z, y, x)`` once: bounding boxes and voxel subsets (see :class:`CaseInfo`)."""
+    """Scan a label volume ``(z, y, x)`` once: bounding boxes, voxel subsets and per-slice counts (see
+    :class:`CaseInfo`)."""
     lab = np.asarray(label)
     nz = np.nonzero(lab)
     fore = np.stack(nz, axis=1) if len(nz[0]) else np.zeros((0, 3), np.int64)
@@ -137,12 +222,15 @@ def compute_case_info(label: np.ndarray, small_label: int | None, max_points: in
         small = fore[lab[nz] == small_label]
     else:
         small = np.zeros((0, 3), np.int64)
+    depth = int(lab.shape[0])
     return CaseInfo(
-        shape=(int(lab.shape[0]), int(lab.shape[1]), int(lab.shape[2])),
+        shape=(depth, int(lab.shape[1]), int(lab.shape[2])),
         fore_bbox=_bbox(fore),
         small_bbox=_bbox(small),
         fore_points=_subset(fore, max_points),
         small_points=_subset(small, max_points),
+        fore_cumcount=np.cumsum(np.bincount(fore[:, 0], minlength=depth)).astype(np.int64),
+        small_cumcount=np.cumsum(np.bincount(small[:, 0], minlength=depth)).astype(np.int64),
     )
 
 
@@ -155,10 +243,10 @@ class PatchSampler:
 
     Centres (``centre_mode``; docs/paper_preset.md, "Patch sampling"):
 
-    * ``"original"`` (the preset): in the volume zero-padded (symmetrically) to at least the patch,
-      "any" draws a centre so that the patch lies inside (a smaller volume sits in the middle);
-      "fore"/"small" pick a random voxel of the structure and a centre up to ``patch/2 - 1`` voxels
-      away from it (kept inside). With augmentation, a "fore"/"small" patch that lost its structure
+    * ``"original"`` (the preset, :func:`original_centre`): in the volume zero-padded (symmetrically)
+      to at least the patch, "any" draws a centre so that the patch lies inside (a smaller volume sits
+      in the middle); "fore"/"small" pick a random voxel of the structure and a centre up to
+      ``patch/2 - 1`` voxels away from it (kept inside). With augmentation, a "fore"/"small" patch that lost its structure
       (or any patch that holds no image at all) is drawn again — new voxel, new centre, new
       augmentation — up to ``max_tries`` times, then cut without augmentation (``aug_retries`` and
       ``aug_fallbacks`` count both).
@@ -177,11 +265,15 @@ class PatchSampler:
         jitter: "safe" mode's largest centre offset; default ``patch // 2 - 1``.
         max_tries: "original" mode's augmented draws per sample before a plain crop (10).
         draws_per_case: samples drawn from each loaded case (2 in the preset).
-        p_small, p_fore: kind probabilities (0.3, 0.3).
+        p_small, p_fore: kind probabilities (the task's plans, :func:`utils.task_settings.patch_kind_probs`:
+            0.3 / 0.3, Task09_Spleen 0 / 0; see :func:`choose_kind`).
         seed: base seed; with ``worker_id`` it seeds ``RandomState(SeedSequence([seed, worker_id]))``.
         worker_id: index of the loader process this sampler runs in (0 in-process).
         case_info: precomputed :class:`CaseInfo` per case index (e.g. shared by every epoch's
             sampler); cases missing from it are scanned on first use.
+        centre_voxels: the structure voxel a "fore"/"small" centre is drawn around: ``"all"`` (the
+            preset: uniform over every voxel of the structure, :func:`structure_voxel`) or
+            ``"subset"`` (uniform over the cached evenly spaced subset of ``max_points``).
         max_points: size of the cached structure-voxel subsets per case.
         output_size: size of the samples the augmenter returns (default ``patch_size``); the
             composed pipeline's augmenter returns the model patch
@@ -212,6 +304,7 @@ class PatchSampler:
         seed: int = 1993,
         worker_id: int = 0,
         case_info: Mapping[int, CaseInfo] | None = None,
+        centre_voxels: str = "all",
         max_points: int = 2048,
         output_size: Sequence[int] | None = None,
         finish: Callable[[np.ndarray, np.ndarray], tuple[Any, np.ndarray]] | None = None,
@@ -223,6 +316,8 @@ class PatchSampler:
             raise ValueError("batch_size, draws_per_case and max_tries must be >= 1")
         if centre_mode not in CENTRE_MODES:
             raise ValueError(f"centre_mode must be one of {CENTRE_MODES}, got {centre_mode!r}")
+        if centre_voxels not in CENTRE_VOXELS:
+            raise ValueError(f"centre_voxels must be one of {CENTRE_VOXELS}, got {centre_voxels!r}")
         self.cases = case_paths
         self.batch_size = int(batch_size)
         self.patch_size = int3(patch_size)
@@ -233,6 +328,7 @@ class PatchSampler:
             )
         self.augmenter = augmenter
         self.centre_mode = centre_mode
+        self.centre_voxels = centre_voxels
         self.jitter = int3(jitter if jitter is not None else safe_jitter(self.patch_size, None))
         self.max_tries = int(max_tries)
         self.small_label = small_label if small_label else None
@@ -299,17 +395,18 @@ class PatchSampler:
 
     # -- sampling ------------------------------------------------------------------------------
     def _choose_kind(self, u: float, require_fg: bool, info: CaseInfo) -> str:
-        has_small = info.small_bbox is not None
-        has_fore = info.fore_bbox is not None
-        if require_fg:
-            if u < self.p_small and has_small:
-                return "small"
-            return "fore" if has_fore else "any"
-        if u < self.p_small:
-            return "small" if has_small else "any"
-        if u >= 1.0 - self.p_fore:
-            return "fore" if has_fore else "any"
-        return "any"
+        has_fore, has_small = info.fore_bbox is not None, info.small_bbox is not None
+        return choose_kind(u, require_fg, has_fore, has_small, self.p_small, self.p_fore)
+
+    def _structure_voxel(self, kind: str, info: CaseInfo) -> np.ndarray:
+        """A random voxel ``(3,)`` of the current case's structure of ``kind`` (see ``centre_voxels``)."""
+        if self.centre_voxels == "subset":
+            points = info.small_points if kind == "small" else info.fore_points
+            return points[self.rs.randint(len(points))].astype(np.int64)
+        assert self._label is not None
+        cumcount = info.small_cumcount if kind == "small" else info.fore_cumcount
+        k = int(self.rs.randint(int(cumcount[-1])))  # the original's np.random.choice(n)
+        return structure_voxel(self._label, cumcount, k, self.small_label if kind == "small" else None)
 
     def _centre(self, kind: str, info: CaseInfo) -> np.ndarray:
         """Patch centre ``(3,)`` in the volume's voxel coordinates; the task patch starts at
@@ -323,41 +420,16 @@ class PatchSampler:
             lo, hi = np.minimum(free, 0), np.maximum(free, 0)
             start = np.array([self.rs.randint(a, b + 1) for a, b in zip(lo, hi, strict=True)])
             return start + patch // 2
-        points, bbox = self._structure(kind, info)
-        anchor = points[self.rs.randint(len(points))].astype(np.int64)
+        bbox = info.small_bbox if kind == "small" else info.fore_bbox
+        assert bbox is not None
+        anchor = self._structure_voxel(kind, info)
         jit = np.array([self.rs.randint(-j, j + 1) for j in self.jitter])
         return np.clip(anchor + jit, bbox[:, 0], bbox[:, 1])
 
     def _centre_original(self, kind: str, info: CaseInfo) -> np.ndarray:
-        """The original's rule, in the volume padded symmetrically (ceil(pad / 2) per side) to at
-        least the patch: "any" centres in [p//2, padded - p//2); "fore"/"small" centres within
-        ``p/2 - 1`` of a random structure voxel and at least ``p//2 - 1`` from either end."""
-        shape = np.asarray(info.shape)
-        patch = np.asarray(self.patch_size)
-        before = np.ceil(np.maximum(patch - shape, 0) / 2).astype(np.int64)
-        padded = shape + 2 * before
-        half = patch // 2
-        centre = np.empty(3, dtype=np.int64)
-        if kind == "any":
-            for d in range(3):
-                lo, hi = int(half[d]), int(padded[d] - half[d])
-                centre[d] = lo if hi <= lo else self.rs.randint(lo, hi)
-            return centre - before
-        points, _ = self._structure(kind, info)
-        voxel = points[self.rs.randint(len(points))].astype(np.int64) + before
-        for d in range(3):
-            reach = patch[d] / 2 - 1
-            lo = int(max(half[d] - 1, voxel[d] - reach))
-            hi = int(min(voxel[d] + reach, padded[d] - (half[d] - 1)))
-            centre[d] = lo if hi <= lo else self.rs.randint(lo, hi)
-        return centre - before
-
-    def _structure(self, kind: str, info: CaseInfo) -> tuple[np.ndarray, np.ndarray]:
-        points, bbox = (
-            (info.small_points, info.small_bbox) if kind == "small" else (info.fore_points, info.fore_bbox)
-        )
-        assert bbox is not None
-        return points, bbox
+        """The original's rule (:func:`original_centre`): the structure voxel first, then the centre."""
+        voxel = None if kind == "any" else self._structure_voxel(kind, info)
+        return original_centre(self.rs, info.shape, self.patch_size, voxel)
 
     def _holds(self, kind: str, data: np.ndarray, seg: np.ndarray) -> bool:
         """The original's acceptance test of a patch: some image, and the structure of its kind."""

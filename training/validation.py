@@ -27,7 +27,7 @@ from models.runtime import resolve_amp
 from models.unet import U2Net3D
 from training.config import TrainConfig
 from training.data import TaskData
-from utils.decathlon import apply_label_map, read_label
+from utils.decathlon import IMAGE_SUFFIXES, apply_label_map, read_label
 from utils.io_utils import read_json
 from utils.metrics import evaluate_case, mean_per_class, write_metrics_csv
 from utils.preprocessing import case_id_of
@@ -80,8 +80,14 @@ def _example_slices(
 
 
 def raw_label_path(dataset_dir: str | os.PathLike[str], task: str, case: str) -> Path:
-    """The raw MSD label of a preprocessed case: ``<dataset_dir>/<task>/labelsTr/<case id>.nii.gz``."""
-    return Path(dataset_dir) / task / "labelsTr" / f"{case_id_of(case)}.nii.gz"
+    """The raw label of a preprocessed case: ``<dataset_dir>/<task>/labelsTr/<case id><suffix>``, the first
+    supported image suffix found (MSD and nnU-Net v2 layouts name labels alike; ``.nii.gz`` when none is)."""
+    folder = Path(dataset_dir) / task / "labelsTr"
+    cid = case_id_of(case)
+    for suffix in IMAGE_SUFFIXES:
+        if (folder / f"{cid}{suffix}").is_file():
+            return folder / f"{cid}{suffix}"
+    return folder / f"{cid}.nii.gz"
 
 
 def validate_task(

@@ -48,6 +48,7 @@ __all__ = [
     "atomic_save_npy",
     "atomic_write",
     "atomic_write_csv",
+    "atomic_write_image",
     "atomic_write_json",
     "atomic_write_nifti",
     "check_writable_folder",
@@ -285,6 +286,17 @@ def atomic_write_nifti(image: sitk.Image, path: PathLike) -> Path:
     with atomic_path(path, size_hint=voxel_bytes + 352) as tmp:  # uncompressed: an upper bound
         sitk.WriteImage(image, str(tmp), useCompression=True)
     return Path(path)
+
+
+def atomic_write_image(image: sitk.Image, path: PathLike) -> Path:
+    """Write a SimpleITK image atomically in the format its suffix names (``.nii.gz``, ``.nii``, ``.mha``,
+    ``.nrrd``; compressed where the format can be). Not ``.mhd``: its header names a separate data file,
+    which a temporary name would break (write ``.mha``, the same format in one file)."""
+    if str(path).lower().endswith(".mhd"):
+        raise ValueError(
+            f"{path}: .mhd headers name a separate data file; write .mha (MetaImage in one file)"
+        )
+    return atomic_write_nifti(image, path)
 
 
 def atomic_link_or_copy(src: PathLike, dst: PathLike) -> Path:

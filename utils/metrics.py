@@ -45,7 +45,11 @@ _STRUCT_6 = ndimage.generate_binary_structure(3, 1)
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two boolean masks of the same shape; 1.0 when both are empty."""
+    """Dice of two boolean masks of the same shape; 1.0 when both are empty.
+
+    The original's ``binary_dice3d`` computes ``(2|A∩B| + 1e-10) / (|A| + |B| + 1e-10)``: the same
+    value within 1e-10 (both empty: 1 in both; one empty: 1e-10 / size there, exactly 0 here).
+    """
     pred = np.asarray(pred, dtype=bool)
     ref = np.asarray(ref, dtype=bool)
     if pred.shape != ref.shape:
@@ -108,20 +112,23 @@ def evaluate_case(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     *,
     with_hd95: bool = True,
+    include_background: bool = False,
 ) -> dict[str, float]:
     """Dice (and HD95) of every foreground class 1..num_classes-1 of one case.
 
     Args:
         pred, ref: integer (z, y, x) label maps of one shape.
         spacing: (z, y, x) mm.
+        include_background: also class 0 (the original's ``multiClassDice`` reports it too).
 
     Returns:
-        ``{"dice_1": ..., "hd95_1": ..., "dice_2": ...}`` (HD95 keys only when ``with_hd95``).
+        ``{"dice_1": ..., "hd95_1": ..., "dice_2": ...}`` (HD95 keys only when ``with_hd95``;
+        ``dice_0``/``hd95_0`` first with ``include_background``).
     """
     if pred.shape != ref.shape:
         raise ValueError(f"shape mismatch: prediction {pred.shape}, reference {ref.shape}")
     row: dict[str, float] = {}
-    for c in range(1, num_classes):
+    for c in range(0 if include_background else 1, num_classes):
         p, r = pred == c, ref == c
         row[f"dice_{c}"] = dice(p, r)
         if with_hd95:

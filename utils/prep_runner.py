@@ -10,7 +10,8 @@
 3. all queued cases of all tasks run in a pool of spawned worker processes (a progress bar);
    a case that fails is reported by file name and reason and the others go on;
 4. ``plans.json`` is rewritten with the median shape of the cases actually preprocessed (a
-   derived patch size follows it); fold splits are added to ``fold_splits.json`` for tasks whose
+   derived patch size follows it) and the raw foreground intensity statistics of up to 8 training
+   cases (:mod:`utils.intensity`, kept from an earlier run of the same settings); fold splits are added to ``fold_splits.json`` for tasks whose
    training cases are all done.
 """
 
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from utils.decathlon import DataError, DecathlonTask, find_tasks, load_task, read_geometry
 from utils.folds import update_fold_file
+from utils.intensity import task_intensity_stats
 from utils.io_utils import atomic_write_json, read_json, remove_stale_temporaries
 from utils.preprocessing import case_is_done, preprocess_case, preprocess_image, save_case
 from utils.task_settings import PREPROCESSING_KEYS, build_plans
@@ -49,6 +51,9 @@ class CaseJob:
     label: str | None
     out_dir: str
     plans: Mapping[str, Any]
+    channels: tuple[
+        str, ...
+    ] = ()  # the channel files of an nnU-Net case with several (``image`` = the first)
 
 
 @dataclass(frozen=True)
@@ -110,12 +115,13 @@ def run_case(job: CaseJob) -> CaseResult:
     """Preprocess and save one case; never raises (errors come back in the result)."""
     t0 = time.perf_counter()
     train = job.label is not None
+    source: str | list[str] = list(job.channels) if job.channels else job.image
     try:
         if job.label is not None:
-            img, lab, weight, side = preprocess_case(job.image, job.label, job.plans)
+            img, lab, weight, side = preprocess_case(source, job.label, job.plans, case_id=job.case_id)
             save_case(job.out_dir, job.case_id, img, weight, side, label=lab)
         else:
-            img, weight, side = preprocess_image(job.image, job.plans)
+            img, weight, side = preprocess_image(source, job.plans, case_id=job.case_id)
             save_case(job.out_dir, job.case_id, img, weight, side)
         voxels = int(np.prod(side["original_shape"])) * int(img.shape[0])
         return CaseResult(job.task, job.case_id, True, train, seconds=time.perf_counter() - t0, voxels=voxels)
@@ -183,12 +189,15 @@ def plan_task(
     out_dir = Path(prep_dir) / task.name
     plans_path = out_dir / "plans.json"
     if plans_path.is_file() and not overwrite:
-        diffs = _differences(read_json(plans_path), plans)
+        previous = read_json(plans_path)
+        diffs = _differences(previous, plans)
         if diffs:
             raise ValueError(
                 f"{plans_path} was written with other preprocessing settings ({'; '.join(diffs)}); "
                 "rerun with --overwrite to redo the task with the new settings"
             )
+        if previous.get("intensity_stats"):  # same data and settings: no need to read the cases again
+            plans["intensity_stats"] = previous["intensity_stats"]
     atomic_write_json(plans_path, plans)
     remove_stale_temporaries(out_dir)  # of plans.json (those of the cases: below)
 
@@ -209,6 +218,7 @@ def plan_task(
                     str(case.label) if with_label and case.label is not None else None,
                     str(folder),
                     plans,
+                    tuple(str(p) for p in case.images) if len(case.images) > 1 else (),
                 )
             )
     return run
@@ -235,6 +245,10 @@ def _finalise_task(run: TaskRun, failed_train: bool, folds_file: Path | None, lo
             **{**run.overrides, "target_spacing": run.plans["target_spacing"]},
         )
         final["overrides"] = list(run.plans["overrides"])
+        # raw foreground intensities (utils.intensity), e.g. for a new domain's --init_from auto
+        stats = run.plans.get("intensity_stats") or task_intensity_stats(run.task)
+        if stats is not None:
+            final["intensity_stats"] = stats
         atomic_write_json(run.out_dir / "plans.json", final)
         run.plans = final
     if folds_file is None:
@@ -276,9 +290,9 @@ def run_preprocessing(
     """Preprocess tasks of ``dataset_dir`` into ``prep_dir`` (see the module docstring).
 
     Args:
-        dataset_dir: folder of ``Task*`` folders.
+        dataset_dir: folder of task folders (MSD ``Task*`` or nnU-Net ``Dataset*``, each with a ``dataset.json``).
         prep_dir: output root.
-        tasks: task folder names (default: every ``Task*`` folder with a ``dataset.json``).
+        tasks: task folder names (default: every folder with a ``dataset.json``).
         n_proc: worker processes (1 = in this process).
         overwrite: redo cases that are done; accept changed settings.
         folds_file: ``fold_splits.json`` to create/extend (``None``: no folds).
@@ -294,7 +308,14 @@ def run_preprocessing(
     dataset_dir, prep_dir = Path(dataset_dir), Path(prep_dir)
     task_dirs = _select_tasks(dataset_dir, tasks)
     if not task_dirs:
-        log(f"no Task* folders with a dataset.json in {dataset_dir}")
+        hint = (
+            " (it is itself a task folder: give the folder above it)"
+            if (dataset_dir / "dataset.json").is_file()
+            else ""
+        )
+        log(
+            f"no task folders (subfolders with a dataset.json, MSD or nnU-Net v2 layout) in {dataset_dir}{hint}"
+        )
     runs: list[TaskRun] = []
     remove_stale_temporaries(prep_dir)  # of fold_splits.json, left by a killed run
     for task_dir in task_dirs:

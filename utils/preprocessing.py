@@ -4,12 +4,18 @@ For one case:
 
 1. read the image (3D, or 4D = several modalities) and crop every modality (and the label) to the
    bounding box of the non-zero voxels of modality 0, widened by 5 voxels;
-2. resample to the task's target spacing: images with B-spline interpolation, labels with
-   nearest neighbour (SimpleITK). Input and output grids cover the same physical extent (voxel
-   centres aligned as in ``align_corners=False``), which is what ``inference.geometry`` undoes;
-3. CT: clip below -1024; weight map = (modality 0 > 0) after resampling (with the plans'
-   ``normalisation.zero_mask == "nearest"``, the zero background of the original image (zero
-   voxels connected to its border), mapped with nearest neighbour, is set to 0 first, so B-spline ringing around a zero background
+2. resample to the task's target spacing: images with cubic B-spline interpolation, labels with
+   nearest neighbour (SimpleITK), on the plans' ``resample_grid``
+   (:data:`utils.task_settings.RESAMPLE_GRIDS`): ``"original"`` (default,
+   :func:`resample_to_spacing`) is the original's grid and pixel type: the image file's origin and
+   direction, spacings rounded to 3 decimals, ``int(n * spacing / target)`` voxels, the voxel type
+   of the file kept (an int16 CT stays int16, so its B-spline values are integers); ``"centred"``
+   (:func:`resample_volume`) covers the crop's physical extent with aligned voxel centres, in
+   float32. ``inference.geometry`` undoes whichever the sidecar names;
+3. clip below -1024 (every task, or CT only with ``normalisation.ct_clip_for == "ct"``); weight
+   map = (modality 0 > 0) after resampling (with the plans' ``normalisation.zero_mask ==
+   "nearest"``, the zero background of the original image (zero voxels connected to its border),
+   mapped with nearest neighbour, is set to 0 first, so B-spline ringing around a zero background
    does not leak into the weight map and the statistics; the paper preset uses ``"none"``);
 4. clip each modality to its 2nd-98th percentile, z-score it with the mean and std of its voxels
    > 0; voxels that are 0 stay 0;
@@ -36,14 +42,16 @@ from scipy import ndimage
 from utils.decathlon import (
     DataError,
     Geometry,
+    ImageSource,
     apply_label_map,
-    case_id_from_path,
     check_same_geometry,
     read_image,
     read_label,
+    source_case_id,
+    source_paths,
 )
 from utils.io_utils import atomic_save_npy, atomic_write_json
-from utils.task_settings import estimate_resampled_shape
+from utils.task_settings import CT_CLIP_MODES, LEGACY_RESAMPLE_GRID, RESAMPLE_GRIDS, estimate_resampled_shape
 
 __all__ = [
     "CROP_MARGIN",
@@ -60,7 +68,10 @@ __all__ = [
     "preprocess_case",
     "preprocess_image",
     "nearest_indices",
+    "resample_grid_of",
+    "resample_to_spacing",
     "resample_volume",
+    "stored_dtype",
     "resize_image",
     "resize_matrix",
     "separable_resize",
@@ -125,6 +136,60 @@ def crop_to_box(volume: np.ndarray, box: Sequence[Sequence[int]]) -> np.ndarray:
     return volume[..., z0:z1, y0:y1, x0:x1]
 
 
+def resample_to_spacing(
+    volume: np.ndarray,
+    spacing_zyx: Sequence[float],
+    target_spacing_zyx: Sequence[float],
+    *,
+    origin_xyz: Sequence[float],
+    direction: Sequence[float],
+    is_label: bool = False,
+) -> np.ndarray:
+    """Resample a (z, y, x) volume to ``target_spacing_zyx`` on the original's grid (``"original"``).
+
+    The volume (a crop) is placed at the image file's ``origin_xyz`` with its ``direction`` (3x3,
+    row-major) and its spacing rounded to 3 decimals, and sampled with SimpleITK's ``Resample``
+    (identity transform) on a grid with the same origin and direction, the target spacing rounded
+    to 3 decimals and :func:`utils.task_settings.estimate_resampled_shape` voxels (truncated:
+    output voxel ``i`` lies at input index ``i * target / spacing``, so the last input voxels may
+    be dropped; an output voxel beyond the input gets 0). Origin and direction cancel out
+    mathematically; they are passed as the original did so that nearest-neighbour ties (input
+    index exactly k + 0.5) round the way SimpleITK rounds them in its physical coordinates.
+
+    Images: cubic B-spline in the volume's own pixel type (an int16 volume gives int16 values:
+    SimpleITK truncates the interpolated value); labels: nearest neighbour. It resamples even
+    when the shape comes out unchanged.
+
+    Returns:
+        (z', y', x') array of ``volume``'s dtype.
+    """
+    if volume.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) volume, got shape {volume.shape}")
+    if len(direction) != 9:
+        raise ValueError(f"direction must be a 3x3 row-major matrix (9 values), got {len(direction)}")
+    new_shape = estimate_resampled_shape(volume.shape, spacing_zyx, target_spacing_zyx, "original")
+    in_spacing_xyz = [round(float(s), 3) for s in spacing_zyx][::-1]
+    out_spacing_xyz = [round(float(s), 3) for s in target_spacing_zyx][::-1]
+    image = sitk.GetImageFromArray(np.ascontiguousarray(volume))
+    origin = [float(v) for v in origin_xyz]
+    cosines = [float(v) for v in direction]
+    image.SetOrigin(origin)
+    image.SetSpacing(in_spacing_xyz)
+    image.SetDirection(cosines)
+    out = sitk.Resample(
+        image,
+        list(new_shape[::-1]),
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor if is_label else sitk.sitkBSpline,
+        origin,
+        out_spacing_xyz,
+        cosines,
+        0.0,
+        image.GetPixelID(),
+    )
+    return sitk.GetArrayFromImage(out)
+
+
 def resample_volume(
     volume: np.ndarray,
     spacing_zyx: Sequence[float],
@@ -132,12 +197,13 @@ def resample_volume(
     *,
     is_label: bool = False,
 ) -> np.ndarray:
-    """Resample a (z, y, x) volume to ``new_shape_zyx`` over the same physical extent.
+    """Resample a (z, y, x) volume to ``new_shape_zyx`` over the same physical extent (``"centred"``).
 
     Both grids span ``[0, n * spacing)`` per axis with voxel centres in the middle of their
     voxels, so every output sample lies inside the input (no border fill). Images use cubic
-    B-spline interpolation (float32 result), labels nearest neighbour (dtype kept). Origin and
-    direction do not change the voxel values and are not needed here.
+    B-spline interpolation (float32 result), labels nearest neighbour (dtype kept); a volume
+    whose shape does not change is copied. Origin and direction do not change the voxel values
+    and are not needed here.
     """
     if volume.ndim != 3:
         raise ValueError(f"expected a (z, y, x) volume, got shape {volume.shape}")
@@ -287,8 +353,13 @@ def _clip_like_skimage(source: np.ndarray, resized: np.ndarray) -> np.ndarray:
 
 
 def clip_ct(volume: np.ndarray, minimum: float = -1024.0) -> np.ndarray:
-    """CT: values below ``minimum`` (HU) are set to ``minimum`` (in place; returns ``volume``)."""
-    np.maximum(volume, minimum, out=volume)
+    """Values below ``minimum`` (HU) are set to ``minimum`` (in place, in the volume's dtype; returns
+    ``volume``). An integer type that cannot hold values below ``minimum`` is left alone."""
+    if volume.dtype.kind in "iu" and np.iinfo(volume.dtype).min >= minimum:
+        return volume
+    below = volume < minimum
+    if below.any():
+        volume[below] = minimum
     return volume
 
 
@@ -331,6 +402,42 @@ def label_class_voxels(label: np.ndarray, num_classes: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
+def resample_grid_of(settings: Mapping[str, Any]) -> str:
+    """The ``resample_grid`` of plans or of a case sidecar; files written before the key existed
+    were made on the centred grid (:data:`utils.task_settings.LEGACY_RESAMPLE_GRID`)."""
+    grid = str(settings.get("resample_grid", LEGACY_RESAMPLE_GRID))
+    if grid not in RESAMPLE_GRIDS:
+        raise ValueError(f"unknown resample_grid {grid!r}; expected one of {RESAMPLE_GRIDS}")
+    return grid
+
+
+#: SimpleITK scalar pixel types and the NumPy dtype ``GetArrayFromImage`` gives for them
+_SITK_DTYPES: Mapping[int, np.dtype] = {
+    sitk.sitkUInt8: np.dtype(np.uint8),
+    sitk.sitkInt8: np.dtype(np.int8),
+    sitk.sitkUInt16: np.dtype(np.uint16),
+    sitk.sitkInt16: np.dtype(np.int16),
+    sitk.sitkUInt32: np.dtype(np.uint32),
+    sitk.sitkInt32: np.dtype(np.int32),
+    sitk.sitkUInt64: np.dtype(np.uint64),
+    sitk.sitkInt64: np.dtype(np.int64),
+    sitk.sitkFloat32: np.dtype(np.float32),
+    sitk.sitkFloat64: np.dtype(np.float64),
+}
+
+
+def stored_dtype(path: str | os.PathLike[str]) -> np.dtype | None:
+    """The voxel dtype SimpleITK reads ``path`` as (from the header only), or ``None`` for a
+    non-scalar type. The original resampled the image in this type."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return _SITK_DTYPES.get(reader.GetPixelID())
+
+
 def _target_spacing(plans: Mapping[str, Any]) -> tuple[float, float, float]:
     ts = tuple(float(s) for s in plans["target_spacing"])
     if len(ts) != 3 or any(not s > 0 for s in ts):
@@ -343,19 +450,26 @@ def preprocess_arrays(
     geometry: Geometry,
     plans: Mapping[str, Any],
     label: np.ndarray | None = None,
+    *,
+    pixel_dtype: np.dtype | type | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Preprocess arrays already in memory.
 
     Args:
-        image: float (M, z, y, x) in the original grid.
-        geometry: the image's geometry (spacing is what matters here).
-        plans: the task's plans (``target_spacing``, ``is_ct``, ``normalisation``, ``label_map``).
+        image: (M, z, y, x) in the original grid (float32 as :func:`utils.decathlon.read_image`
+            gives it, or any real dtype).
+        geometry: the image's geometry (spacing; origin and direction for the original grid).
+        plans: the task's plans (``target_spacing``, ``resample_grid``, ``is_ct``, ``normalisation``,
+            ``label_map``).
         label: optional raw integer (z, y, x) label in the same grid.
+        pixel_dtype: the voxel type of the image file (:func:`stored_dtype`); on the original grid
+            the image is resampled in it, as the original did (``None``: ``image``'s dtype).
 
     Returns:
         ``(image, weight, label, sidecar)``: float32 (M, z, y, x), uint8 (z, y, x), uint8
         (z, y, x) or ``None``, and the sidecar fields that depend on the arrays (``original_shape``,
-        ``crop_box``, ``resampled_shape``, ``target_spacing``, ``class_voxels`` with a label).
+        ``crop_box``, ``resampled_shape``, ``target_spacing``, ``resample_grid``, ``class_voxels``
+        with a label).
     """
     if image.ndim != 4:
         raise ValueError(f"image must be (modality, z, y, x), got shape {image.shape}")
@@ -366,7 +480,26 @@ def preprocess_arrays(
     box = nonzero_bbox(image[0], CROP_MARGIN)
     cropped = crop_to_box(image, box)
     crop_shape = cropped.shape[1:]
-    new_shape = estimate_resampled_shape(crop_shape, geometry.spacing_zyx, target)
+    grid = resample_grid_of(plans)
+    new_shape = estimate_resampled_shape(crop_shape, geometry.spacing_zyx, target, grid)
+    ct_clip_for = str(norm.get("ct_clip_for", "ct"))  # plans without the key: CT only, as before it
+    if ct_clip_for not in CT_CLIP_MODES:
+        raise ValueError(f"unknown normalisation ct_clip_for {ct_clip_for!r}")
+    clip_min = ct_clip_for == "all" or bool(plans.get("is_ct", False))
+
+    def resample(volume: np.ndarray, is_label: bool) -> np.ndarray:
+        if grid == "centred":
+            return resample_volume(volume, geometry.spacing_zyx, new_shape, is_label=is_label)
+        out = resample_to_spacing(
+            volume,
+            geometry.spacing_zyx,
+            target,
+            origin_xyz=geometry.origin_xyz,
+            direction=geometry.direction,
+            is_label=is_label,
+        )
+        assert out.shape == new_shape, (out.shape, new_shape)
+        return out
 
     zero_mask = str(norm.get("zero_mask", "none"))
     if zero_mask not in ("none", "nearest"):
@@ -374,15 +507,17 @@ def preprocess_arrays(
     keep: np.ndarray | None = None
     if zero_mask == "nearest":  # the zero background of the original stays 0 (no B-spline ringing)
         inside = (~zero_background(cropped[0])).astype(np.uint8)
-        keep = resample_volume(inside, geometry.spacing_zyx, new_shape, is_label=True).astype(bool)
+        keep = resample(inside, True).astype(bool)
 
+    # the original grid resamples the file's own voxel type (float32 holds every int16/uint16 value)
+    dtype = np.dtype(pixel_dtype) if pixel_dtype is not None and grid == "original" else None
     out = np.empty((image.shape[0], *new_shape), dtype=np.float32)
     weight: np.ndarray | None = None
     for m in range(image.shape[0]):
-        vol = resample_volume(cropped[m], geometry.spacing_zyx, new_shape)
+        vol = resample(cropped[m] if dtype is None else cropped[m].astype(dtype), False)
         if keep is not None:
-            vol[~keep] = 0.0
-        if plans.get("is_ct", False):
+            vol[~keep] = 0
+        if clip_min:
             clip_ct(vol, ct_min)
         if m == 0:
             weight = weight_map(vol)
@@ -394,6 +529,7 @@ def preprocess_arrays(
         "crop_box": box,
         "resampled_shape": [int(s) for s in new_shape],
         "target_spacing": [float(s) for s in target],
+        "resample_grid": grid,
     }
     lab_out: np.ndarray | None = None
     if label is not None:
@@ -402,20 +538,29 @@ def preprocess_arrays(
         mapped = apply_label_map(
             crop_to_box(label, box), {int(k): int(v) for k, v in plans["label_map"].items()}
         )
-        lab_out = resample_volume(mapped, geometry.spacing_zyx, new_shape, is_label=True).astype(np.uint8)
+        lab_out = resample(mapped, True).astype(np.uint8, copy=False)
         sidecar["class_voxels"] = label_class_voxels(lab_out, int(plans["num_classes"]))
     return out, weight, lab_out, sidecar
+
+
+def _source_dtype(image_path: ImageSource) -> np.dtype | None:
+    """:func:`stored_dtype` of an image file (of the first channel file); None for a DICOM series folder."""
+    first = source_paths(image_path)[0]
+    return stored_dtype(first) if first.is_file() else None
 
 
 def _modalities(plans: Mapping[str, Any]) -> list[str]:
     return [str(m) for m in plans["modalities"]]
 
 
-def _sidecar(case_id: str, image_path: Path, geometry: Geometry, fields: Mapping[str, Any]) -> dict[str, Any]:
+def _sidecar(
+    case_id: str, image_path: ImageSource, geometry: Geometry, fields: Mapping[str, Any]
+) -> dict[str, Any]:
     geo = geometry.as_dict()
+    paths = source_paths(image_path)
     side: dict[str, Any] = {
         "case": case_id,
-        "image_file": str(image_path.resolve()),
+        "image_file": str(paths[0].resolve()),
         "original_shape": geo["original_shape"],
         "crop_box": fields["crop_box"],
         "resampled_shape": fields["resampled_shape"],
@@ -423,24 +568,30 @@ def _sidecar(case_id: str, image_path: Path, geometry: Geometry, fields: Mapping
         "origin_xyz": geo["origin_xyz"],
         "direction": geo["direction"],
         "target_spacing": fields["target_spacing"],
+        "resample_grid": fields["resample_grid"],
     }
     if "class_voxels" in fields:
         side["class_voxels"] = fields["class_voxels"]
+    if len(paths) > 1:  # a case of several channel files (nnU-Net): all of them, in channel order
+        side["image_files"] = [str(p.resolve()) for p in paths]
     return side
 
 
 def preprocess_image(
-    image_path: str | os.PathLike[str],
+    image_path: ImageSource,
     plans: Mapping[str, Any],
     *,
     verify: bool = True,
+    case_id: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Preprocess one raw image (3D or 4D NIfTI) without a label, e.g. for inference.
+    """Preprocess one raw image (3D or 4D) without a label, e.g. for inference.
 
     Args:
-        image_path: the NIfTI file.
+        image_path: the image file (NIfTI, MetaImage, NRRD), a folder holding one DICOM series, or
+            the channel files of one case (:func:`utils.decathlon.read_image`).
         plans: the task's ``plans.json`` dict.
         verify: check the file for truncation first (decompresses it once more).
+        case_id: the sidecar's case id (default: from the file name, :func:`utils.decathlon.source_case_id`).
 
     Returns:
         ``(image, weight, sidecar)``: float32 (M, z, y, x), uint8 (z, y, x) and the sidecar dict
@@ -450,20 +601,20 @@ def preprocess_image(
         DataError: unreadable/truncated/non-NIfTI file, not 3D/4D, a modality count that disagrees
             with the plans, NaN/Inf voxels or an all-zero modality (:func:`utils.decathlon.read_image`).
     """
-    image_path = Path(image_path)
     image, geom = read_image(image_path, _modalities(plans), verify=verify, task=str(plans.get("task", "")))
-    img, weight, _, fields = preprocess_arrays(image, geom, plans)
-    return img, weight, _sidecar(case_id_from_path(image_path), image_path, geom, fields)
+    img, weight, _, fields = preprocess_arrays(image, geom, plans, pixel_dtype=_source_dtype(image_path))
+    return img, weight, _sidecar(case_id or source_case_id(image_path), image_path, geom, fields)
 
 
 def preprocess_case(
-    image_path: str | os.PathLike[str],
+    image_path: ImageSource,
     label_path: str | os.PathLike[str],
     plans: Mapping[str, Any],
     *,
     verify: bool = True,
+    case_id: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """Preprocess a training case (image + label).
+    """Preprocess a training case (image + label); the image as :func:`preprocess_image` takes it.
 
     Returns:
         ``(image, label, weight, sidecar)``: float32 (M, z, y, x), uint8 (z, y, x) classes,
@@ -473,15 +624,17 @@ def preprocess_case(
         DataError: missing/unreadable/truncated image or label, image and label with different
             shape or geometry, modality count disagreeing with the plans.
     """
-    image_path, label_path = Path(image_path), Path(label_path)
+    label_path = Path(label_path)
     if not label_path.is_file():
         raise DataError(label_path, "label file not found")
     image, geom = read_image(image_path, _modalities(plans), verify=verify, task=str(plans.get("task", "")))
     label, lgeom = read_label(label_path, verify=verify)
     check_same_geometry(geom, lgeom, label_path)
-    img, weight, lab, fields = preprocess_arrays(image, geom, plans, label)
+    img, weight, lab, fields = preprocess_arrays(
+        image, geom, plans, label, pixel_dtype=_source_dtype(image_path)
+    )
     assert lab is not None
-    return img, lab, weight, _sidecar(case_id_from_path(image_path), image_path, geom, fields)
+    return img, lab, weight, _sidecar(case_id or source_case_id(image_path), image_path, geom, fields)
 
 
 # ---------------------------------------------------------------------------------------------

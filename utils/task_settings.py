@@ -6,10 +6,11 @@ A task's settings end up in its ``plans.json`` (keys in ``docs/formats.md``). Th
    the task folder name or, failing that, by the part after ``TaskXX_`` (so ``Task104_Hippocampus``
    gets the Hippocampus row). A row may be partial: the fields it leaves ``None`` are derived;
 2. derivation from the data, the nnU-Net way: target spacing = median spacing of the training
-   images; patch = median resampled shape, shrunk along its physically longest axis until it fits
-   a voxel budget; pools per axis = how often the patch halves while staying >= ``min_bottom``
-   voxels (at most ``max_pools``); patch rounded down to a multiple of 2**pools; batch from the
-   budget; modalities and classes from ``dataset.json``;
+   images (to 3 decimals on the original resampling grid, which rounds to that, else 4); patch =
+   median resampled shape, shrunk along its physically longest axis until it fits a voxel budget;
+   pools per axis = how often the patch halves while staying >= ``min_bottom`` voxels (at most
+   ``max_pools``); patch rounded down to a multiple of 2**pools; batch from the budget; modalities
+   and classes from ``dataset.json``;
 3. explicit overrides (keyword arguments of :func:`build_plans`, ``preprocess_taskSep.py`` flags),
    which win over both.
 """
@@ -34,6 +35,10 @@ __all__ = [
     "ZERO_MASK_MODES",
     "PRESETS",
     "PREPROCESSING_KEYS",
+    "RESAMPLE_GRIDS",
+    "CT_CLIP_MODES",
+    "LEGACY_RESAMPLE_GRID",
+    "DEFAULT_KIND_PROBS",
     "TaskPreset",
     "build_plans",
     "class_names",
@@ -43,6 +48,7 @@ __all__ = [
     "find_preset",
     "median_shape",
     "median_spacing",
+    "patch_kind_probs",
     "pools_for_patch",
 ]
 
@@ -57,8 +63,16 @@ DEFAULT_MAX_BATCH = 8
 
 #: intensity normalisation of docs/paper_preset.md, "Preprocessing", steps 3-4, exactly as the paper
 #: (``zero_mask: "none"``: the weight map and the z-score use whatever the B-spline gives)
+#: (``ct_clip_for: "all"``: the clip below ``ct_clip_min`` applies to every task, CT or not, as in the
+#: original; ``"ct"``: to CT tasks only)
 NORMALISATION: Mapping[str, Any] = MappingProxyType(
-    {"clip_percentiles": (2, 98), "ct_clip_min": -1024, "zscore": "nonzero", "zero_mask": "none"}
+    {
+        "clip_percentiles": (2, 98),
+        "ct_clip_min": -1024,
+        "ct_clip_for": "all",
+        "zscore": "nonzero",
+        "zero_mask": "none",
+    }
 )
 #: the default for tasks outside the paper preset: the zero background of the original image
 #: (zero voxels connected to the border, mapped with nearest neighbour) is 0 after resampling too. Cubic B-spline rings around a sharp
@@ -66,9 +80,21 @@ NORMALISATION: Mapping[str, Any] = MappingProxyType(
 #: far into it, which would otherwise enter the weight map and the z-score statistics.
 NORMALISATION_DERIVED: Mapping[str, Any] = MappingProxyType({**NORMALISATION, "zero_mask": "nearest"})
 ZERO_MASK_MODES = ("none", "nearest")
+#: which tasks the clip below ``ct_clip_min`` applies to; plans without the key (written before it
+#: existed) mean ``"ct"``
+CT_CLIP_MODES = ("all", "ct")
+
+#: the grid a case is resampled to (plans key ``resample_grid``, docs/data_pipeline.md):
+#: ``"original"``: the original's SimpleITK grid: same origin and direction as the image, the
+#: spacings rounded to 3 decimals, size = int(n * spacing / target) (truncated), the last voxels
+#: of the crop may fall outside it; ``"centred"``: the same physical extent as the crop, voxel
+#: centres aligned (spacing stretched to fit round(n * spacing / target) voxels)
+RESAMPLE_GRIDS = ("original", "centred")
+#: what plans and sidecars without a ``resample_grid`` key (written before it existed) were made with
+LEGACY_RESAMPLE_GRID = "centred"
 
 #: plans keys that change the preprocessed arrays; preprocessed data made with other values is stale
-PREPROCESSING_KEYS = ("modalities", "is_ct", "label_map", "target_spacing", "normalisation")
+PREPROCESSING_KEYS = ("modalities", "is_ct", "label_map", "target_spacing", "resample_grid", "normalisation")
 
 _TUMOUR_NAME = re.compile(r"tumou?r|cancer|lesion|metasta", re.IGNORECASE)
 
@@ -92,9 +118,15 @@ class TaskPreset:
     paper: bool = False
     note: str = field(default="", compare=False)
     zero_upper_half_x: bool = False  # post-processing: clear the upper half of the last axis first
+    small_prob: float | None = None  # patch kinds (training.sampling); None: DEFAULT_KIND_PROBS
+    fore_prob: float | None = None
 
 
 _FUSE_2_INTO_1 = ((0, 0), (1, 1), (2, 1))
+
+#: probabilities of "small" and "fore" patches (docs/paper_preset.md, "Patch sampling") of every task
+#: whose row does not set them: the original's 0.3 / 0.3 (Task09_Spleen: 0 / 0)
+DEFAULT_KIND_PROBS = (0.3, 0.3)
 
 #: The settings table. Paper rows: docs/paper_preset.md; demo rows (``demo.data``) only fix the
 #: label fusion and post-processing, so their spacing/patch/pools go through the derivation.
@@ -126,12 +158,16 @@ PRESETS: Mapping[str, TaskPreset] = MappingProxyType(
             (),
             True,
             zero_upper_half_x=True,  # the original cleared x >= W // 2: the spleen lies in the other half
+            small_prob=0.0,  # the original's config: no "small"/"fore" oversampling for Spleen
+            fore_prob=0.0,
         ),
         # demo tasks: fusion/post-processing like their real counterparts, the rest derived
         "Task91_DemoLiverCT": TaskPreset(label_map=_FUSE_2_INTO_1, keep_components=1, tumour_classes=()),
         "Task92_DemoHippoMR": TaskPreset(keep_components=2),
         "Task93_DemoProstateMR": TaskPreset(keep_components=2, small_label=1),
         "Task94_DemoSpleenCT": TaskPreset(keep_components=1),
+        # Task91's cases with the tumour as class 2 (a grown label set); tumours: derived from the name
+        "Task95_DemoLiverTumourCT": TaskPreset(keep_components=1),
     }
 )
 
@@ -153,6 +189,22 @@ def find_preset(task_name: str, table: Mapping[str, TaskPreset] = PRESETS) -> tu
     return None
 
 
+def patch_kind_probs(plans: Mapping[str, Any]) -> tuple[float, float]:
+    """``(small_prob, fore_prob)`` of a task: the plans' keys; plans written before those keys existed
+    get the values of their ``preset_row`` (so a Task09_Spleen prepared earlier still gets 0 / 0), else
+    :data:`DEFAULT_KIND_PROBS`."""
+    row = PRESETS.get(str(plans.get("preset_row") or ""))
+    defaults = [
+        DEFAULT_KIND_PROBS[i] if row is None or v is None else float(v)
+        for i, v in enumerate((row.small_prob, row.fore_prob) if row is not None else (None, None))
+    ]
+    small = float(plans.get("small_prob", defaults[0]))
+    fore = float(plans.get("fore_prob", defaults[1]))
+    if not (0.0 <= small <= 1.0 and 0.0 <= fore <= 1.0 and small + fore <= 1.0):
+        raise ValueError(f"patch kind probabilities must be in [0, 1] with a sum <= 1, got {small}, {fore}")
+    return small, fore
+
+
 # ---------------------------------------------------------------------------------------------
 # derivation
 # ---------------------------------------------------------------------------------------------
@@ -168,14 +220,24 @@ def median_spacing(spacings_zyx: Sequence[Sequence[float]], decimals: int = 4) -
 
 
 def estimate_resampled_shape(
-    shape_zyx: Sequence[int], spacing_zyx: Sequence[float], target_spacing_zyx: Sequence[float]
+    shape_zyx: Sequence[int],
+    spacing_zyx: Sequence[float],
+    target_spacing_zyx: Sequence[float],
+    grid: str = "original",
 ) -> tuple[int, int, int]:
-    """Shape that covers the same physical extent at ``target_spacing_zyx`` (rounded, >= 1): the
-    shape a case has after resampling."""
-    return int3(
-        max(1, int(round(n * s / t)))
-        for n, s, t in zip(shape_zyx, spacing_zyx, target_spacing_zyx, strict=True)
-    )
+    """The (z, y, x) shape a (cropped) volume of ``shape_zyx`` voxels of ``spacing_zyx`` mm has after
+    resampling to ``target_spacing_zyx`` on ``grid`` (:data:`RESAMPLE_GRIDS`), at least 1 per axis.
+
+    ``"original"``: ``int(n * round(s, 3) / round(t, 3))``, truncated, in float64 as the original
+    computed it (so 20 voxels of 0.625 mm at 0.8 mm give 15, not 16); ``"centred"``:
+    ``round(n * s / t)``.
+    """
+    if grid not in RESAMPLE_GRIDS:
+        raise ValueError(f"resample grid must be one of {RESAMPLE_GRIDS}, got {grid!r}")
+    triples = zip(shape_zyx, spacing_zyx, target_spacing_zyx, strict=True)
+    if grid == "original":
+        return int3(max(1, int(float(n) * round(float(s), 3) / round(float(t), 3))) for n, s, t in triples)
+    return int3(max(1, int(round(n * s / t))) for n, s, t in triples)
 
 
 def median_shape(shapes_zyx: Sequence[Sequence[int]]) -> tuple[int, int, int]:
@@ -290,9 +352,13 @@ def build_plans(
     label_map: Mapping[int, int] | Mapping[str, int] | None = None,
     keep_components: int | None = None,
     zero_upper_half_x: bool | None = None,
+    small_prob: float | None = None,
+    fore_prob: float | None = None,
     small_label: int | None = None,
     tumour_classes: Sequence[int] | None = None,
     zero_mask: str | None = None,
+    resample_grid: str | None = None,
+    ct_clip_for: str | None = None,
     use_preset: bool = True,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     min_bottom: int = DEFAULT_MIN_BOTTOM,
@@ -311,8 +377,12 @@ def build_plans(
         target_spacing, patch_size, pools_per_axis, batch_size, label_map, keep_components,
         zero_upper_half_x,
         small_label, tumour_classes: overrides; ``None`` = preset row or derived.
+        small_prob, fore_prob: probabilities of "small" and "fore" training patches; ``None`` = the
+            preset row's, else :data:`DEFAULT_KIND_PROBS`.
         zero_mask: ``"none"`` (paper) or ``"nearest"`` (default outside the paper preset), see
             :data:`NORMALISATION_DERIVED`.
+        resample_grid: ``"original"`` (default) or ``"centred"``, see :data:`RESAMPLE_GRIDS`.
+        ct_clip_for: ``"all"`` (default: every task, as the original) or ``"ct"``, see :data:`CT_CLIP_MODES`.
         use_preset: ``False`` ignores the table and derives everything.
         max_voxels, min_bottom, max_pools: knobs of the patch/pool derivation.
 
@@ -339,19 +409,28 @@ def build_plans(
     num_classes = len(labels)
 
     # --- spacing and shapes -----------------------------------------------------------------
+    if resample_grid is not None:
+        if resample_grid not in RESAMPLE_GRIDS:
+            raise ValueError(f"resample_grid must be one of {RESAMPLE_GRIDS}, got {resample_grid!r}")
+        grid = str(resample_grid)
+        overrides.append("resample_grid")
+    else:
+        grid = "original"
     if target_spacing is not None:
         spacing = _positive_floats(target_spacing, "target_spacing")
         overrides.append("target_spacing")
     elif row.target_spacing is not None:
         spacing = float3(row.target_spacing)
     else:
-        spacing = median_spacing(case_spacings_zyx)
+        # the original grid resamples to the spacing rounded to 3 decimals: derive it at that precision
+        # so that plans, sidecars and the way back name the spacing the arrays have
+        spacing = median_spacing(case_spacings_zyx, 3 if grid == "original" else 4)
     if resampled_shapes_zyx:
         med_shape = median_shape(resampled_shapes_zyx)
     elif case_shapes_zyx:
         med_shape = median_shape(
             [
-                estimate_resampled_shape(sh, sp, spacing)
+                estimate_resampled_shape(sh, sp, spacing, grid)
                 for sh, sp in zip(case_shapes_zyx, case_spacings_zyx, strict=True)
             ]
         )
@@ -417,6 +496,19 @@ def build_plans(
         overrides.append("zero_upper_half_x")
     else:
         zero_half = row.zero_upper_half_x
+    kind_probs = []
+    for name, value, row_value, default in (
+        ("small_prob", small_prob, row.small_prob, DEFAULT_KIND_PROBS[0]),
+        ("fore_prob", fore_prob, row.fore_prob, DEFAULT_KIND_PROBS[1]),
+    ):
+        if value is not None:
+            overrides.append(name)
+        prob = float(value if value is not None else row_value if row_value is not None else default)
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {prob}")
+        kind_probs.append(prob)
+    if sum(kind_probs) > 1.0:
+        raise ValueError(f"small_prob + fore_prob must be <= 1, got {kind_probs}")
     if tumour_classes is not None:
         tumours = sorted(int(c) for c in tumour_classes)
         overrides.append("tumour_classes")
@@ -432,6 +524,11 @@ def build_plans(
             raise ValueError(f"zero_mask must be one of {ZERO_MASK_MODES}, got {zero_mask!r}")
         norm["zero_mask"] = zero_mask
         overrides.append("zero_mask")
+    if ct_clip_for is not None:
+        if ct_clip_for not in CT_CLIP_MODES:
+            raise ValueError(f"ct_clip_for must be one of {CT_CLIP_MODES}, got {ct_clip_for!r}")
+        norm["ct_clip_for"] = ct_clip_for
+        overrides.append("ct_clip_for")
     return {
         "task": task_name,
         "modalities": [str(m) for m in modalities],
@@ -440,6 +537,7 @@ def build_plans(
         "num_classes": num_classes,
         "label_map": {str(k): int(v) for k, v in sorted(lmap.items())},
         "target_spacing": [float(s) for s in spacing],
+        "resample_grid": grid,
         "patch_size": [int(p) for p in patch],
         "pools_per_axis": [int(p) for p in pools],
         "batch_size": int(batch),
@@ -447,6 +545,8 @@ def build_plans(
         "tumour_classes": tumours,
         "keep_components": int(keep),
         "zero_upper_half_x": zero_half,
+        "small_prob": kind_probs[0],
+        "fore_prob": kind_probs[1],
         "normalisation": {k: (list(v) if isinstance(v, tuple) else v) for k, v in norm.items()},
         "source": source,
         "preset_row": match[0] if match else None,

@@ -27,6 +27,8 @@ class _SilentLogger(types.ModuleType):
     """ccToolkits.logger stand-in: every call is accepted and dropped."""
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # module protocol (``__file__``, ...): inspect and torch ask for these
+            raise AttributeError(name)
         return lambda *args, **kwargs: None
 
 
