@@ -210,20 +210,29 @@ demo() {
     jobs+=("universal_adapted_original $DEMO_RES/res_u2net3d_universal_demo_adapted_original/$DEMO_NEW $DEMO_NEW")
     jobs+=("universal_new_classes $DEMO_RES/res_u2net3d_universal_demo_new_classes/$DEMO_MORE_CLASSES $DEMO_MORE_CLASSES")
     : > "$logs/predict.log"
+    # two lanes, each ONE Python process that runs predict.py's main for its jobs in turn (one interpreter
+    # start per lane instead of per job)
     local lane lane_pids=()
     for lane in 0 1; do
-        (
-            local i=0 mode dir task
-            for job in "${jobs[@]}"; do
-                if ((i % 2 == lane)); then
-                    read -r mode dir task <<< "$job"
-                    "$PY" predict.py --ckp "$dir/checkpoints/best.pt" --task "$task" --input "$DEMO_DATA/$task/imagesTs" \
-                        --output "$DEMO_RES/predictions/$mode/$task" --no_progress "${extra_predict[@]}" \
-                        >> "$logs/predict.log" 2>&1
-                fi
-                i=$((i + 1))
-            done
-        ) &
+        local i=0 mine=()
+        for job in "${jobs[@]}"; do
+            if ((i % 2 == lane)); then mine+=("$job"); fi
+            i=$((i + 1))
+        done
+        "$PY" - "$DEMO_DATA" "$DEMO_RES" "${#extra_predict[@]}" "${extra_predict[@]}" "${mine[@]}" >> "$logs/predict.log" 2>&1 <<'PY' &
+import sys
+
+import predict
+
+data, res, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+extra, jobs = sys.argv[4 : 4 + n], sys.argv[4 + n :]
+status = 0
+for job in jobs:
+    mode, run, task = job.split()
+    argv = ["--ckp", f"{run}/checkpoints/best.pt", "--task", task, "--input", f"{data}/{task}/imagesTs"]
+    status = max(status, predict.main([*argv, "--output", f"{res}/predictions/{mode}/{task}", "--no_progress", *extra]))
+sys.exit(status)
+PY
         lane_pids+=($!)
     done
     for pid in "${lane_pids[@]}"; do

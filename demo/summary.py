@@ -166,12 +166,17 @@ def _old_label_set_rows(
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    head = f"{'mode':18s} {'task':24s} {'class':14s} {'dice':>6s} {'hd95':>6s} {'params':>10s} {'task_params':>11s}"
+    w_mode = max([18, *(len(str(r["mode"])) for r in rows)])
+    w_task = max([24, *(len(str(r["task"])) for r in rows)])
+    head = (
+        f"{'mode':{w_mode}s} {'task':{w_task}s} {'class':14s} {'dice':>6s} {'hd95':>6s} {'params':>10s} "
+        f"{'task_params':>11s}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['mode']:18s} {r['task']:24s} {str(r['class']) + ' ' + r['class_name']:14s} {r['dice']:6.3f} {r['hd95_mm']:6.2f} "
-            f"{r['params']:>10,} {r['task_params']:>11,}"
+            f"{r['mode']:{w_mode}s} {r['task']:{w_task}s} {str(r['class']) + ' ' + r['class_name']:14s} "
+            f"{r['dice']:6.3f} {r['hd95_mm']:6.2f} {r['params']:>10,} {r['task_params']:>11,}"
         )
     return "\n".join(lines)
 

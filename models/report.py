@@ -191,6 +191,7 @@ def format_parameter_report(report: Mapping[str, Any]) -> str:
         lines.append(
             f"  domain {ext['task']}{renamed} grew from {ext['classes_before']} to {ext['classes_after']} classes: "
             f"added {added}; {ext['added_params']:,} parameters added (new class channels of "
-            f"{len(ext.get('grown_heads') or [])} heads); training its {ext['train_scope']} parameters"
+            f"{len(ext.get('grown_heads') or [])} heads, {ext.get('init', 'fresh')}); training "
+            + ("its class heads" if ext["train_scope"] == "heads" else "its adapters, norms and heads")
         )
     return "\n".join(lines)

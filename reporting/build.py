@@ -190,6 +190,10 @@ def _mode_parameters(
     return mp
 
 
+#: what trained when a domain's label set grew, by ``--add_classes_train``
+_TRAINED = {"domain": "the domain's adapters, norms and heads", "heads": "the domain's class heads"}
+
+
 def _extension_section(extensions: Sequence[tuple[str, Mapping[str, Any]]]) -> Section:
     """What each extension run added to its trained model: a new domain (and where its parameters started)
     or a grown label set (the classes and parameters added)."""
@@ -213,8 +217,8 @@ def _extension_section(extensions: Sequence[tuple[str, Mapping[str, Any]]]) -> S
                     "new classes",
                     f"{ext.get('domain')} → {ext.get('task')}",
                     f"classes {ext.get('classes_before')} → {ext.get('classes_after')}: + {added}; "
-                    f"{int(ext.get('added_params', 0)):,} parameters added; trained: the domain's "
-                    f"{ext.get('train_scope')} parameters",
+                    f"{int(ext.get('added_params', 0)):,} parameters added; trained: "
+                    + _TRAINED.get(str(ext.get("train_scope")), str(ext.get("train_scope"))),
                 ]
             )
     note = (

@@ -129,6 +129,55 @@ def test_patch_starts_half_step() -> None:
     assert patch_starts(128, 64, 32) == [0, 32, 64]
 
 
+def test_window_positions_edge_cases() -> None:
+    """A one-voxel patch (every voxel a window, once), a step of one voxel, and the sizes refused."""
+    assert window_positions(5, 1, 1) == [(s, 1) for s in range(5)]
+    assert window_positions(1, 1, 1) == [(0, 1)]
+    assert patch_starts(10, 8, 1) == [0, 1, 2]
+    assert patch_starts(10, 8, 0) == [0, 1, 2]  # a step below one voxel counts as one
+    for size, patch in ((0, 8), (5, 0)):
+        with pytest.raises(ValueError):
+            window_positions(size, patch, 4)
+    with pytest.raises(ValueError):
+        patch_starts(7, 8, 4)
+
+
+def test_windows_host_grid_and_multiplicities() -> None:
+    """``_windows``: the windows in the coordinates of the host grid (the volume padded just enough,
+    per axis), their multiplicities, and the padding before/after each axis."""
+    from inference.sliding_window import _windows
+
+    full = (slice(0, 8), slice(0, 8), slice(0, 8))
+    # every axis shorter than the patch, each by a different amount (the volume mode's windows)
+    assert _windows((7, 6, 5), (8, 8, 8), S()) == ([full], [8], [1, 2, 3], [0, 0, 0])
+    # an odd patch: the last window reaches one voxel past the end along z only
+    windows, counts, before, after = _windows((9, 8, 8), (7, 8, 8), S())
+    assert windows == [(slice(0, 7), slice(0, 8), slice(0, 8)), (slice(3, 10), slice(0, 8), slice(0, 8))]
+    assert (counts, before, after) == ([4, 8], [0, 0, 0], [1, 0, 0])
+    # a two-voxel patch steps by one voxel: starts 0, 1, 2 (the last twice) per axis
+    windows, counts, before, after = _windows((4, 4, 4), (2, 2, 2), S())
+    assert len(windows) == 27 and sorted(set(counts)) == [1, 2, 4, 8] and sum(counts) == 4**3
+
+
+def test_mirror_sets_and_the_class_limit_of_the_label_map() -> None:
+    """TTA mirrors every subset of the axes (duplicates ignored), the empty one first; the chunked
+    argmax takes up to 256 classes (uint8), whatever the volume's depth."""
+    from inference.sliding_window import _argmax_chunked, _flip_sets
+
+    assert _flip_sets([2, 0, 1, 0]) == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    acc = torch.zeros((256, 300, 1, 2))
+    acc[255, ::2, 0, 1] = 1.0
+    region = (slice(0, 300), slice(0, 1), slice(0, 2))
+    labels = _argmax_chunked(acc, region)
+    assert labels.shape == (300, 1, 2) and labels[::2, 0, 1].min() == 255 and labels[1::2].max() == 0
+    with pytest.raises(ValueError):
+        _argmax_chunked(torch.zeros((257, 2, 1, 1)), (slice(0, 2), slice(0, 1), slice(0, 1)))
+    # equal patches (any sequence type) take the plain sliding window in infer_case
+    from inference.sliding_window import _same
+
+    assert _same((8, 8, 8), [8, 8, 8]) and not _same((8, 8, 8), (8, 8, 9))
+
+
 def test_padding_modes_and_scaled_shape() -> None:
     image = torch.ones((1, 5, 8, 10))
     padded, region = pad_to_patch(image, (8, 8, 8))  # ceil_both: 3 short -> 2 + 2 (9 voxels)
@@ -136,9 +185,13 @@ def test_padding_modes_and_scaled_shape() -> None:
     padded, region = pad_to_patch(image, (8, 8, 8), "exact")  # 1 before, 2 after
     assert tuple(padded.shape[1:]) == (8, 8, 10) and region[0] == slice(1, 6)
     assert float(padded.sum()) == float(image.sum())
+    padded, region = pad_to_patch(torch.ones((1, 4, 8, 8)), (8, 8, 8), "exact")  # 4 short: 2 + 2
+    assert tuple(padded.shape[1:]) == (8, 8, 8) and region[0] == slice(2, 6)
     # int(s * (m / t)) as the original, not round(): 49 * (8 / 49) = 7.999999999999999
     assert scaled_shape((49, 13, 10), (49, 6, 8), (8, 8, 8)) == (7, 17, 10)
     assert scaled_shape((49, 13, 10), (49, 6, 8), (8, 8, 8), "round") == (8, 17, 10)
+    assert scaled_shape((1, 13, 10), (8, 6, 8), (8, 8, 8), "round") == (1, 17, 10)  # one voxel stays one
+    assert scaled_shape((1, 13, 10), (8, 6, 8), (8, 8, 8)) == (1, 17, 10)
 
 
 def test_repeated_windows_run_once_and_count_as_often_as_the_original_visits_them() -> None:

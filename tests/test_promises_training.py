@@ -21,7 +21,7 @@ from tests.synthetic import make_synthetic_task, write_folds
 from training.cli import prepare_runs
 from training.config import TrainConfig
 from training.loop import fit
-from training.optim import make_optimizer, set_lr
+from training.optim import PlateauHalving, make_optimizer, set_lr
 from training.state import BEST, LATEST, numbered_name
 from utils.checkpoint import best_checkpoints, load_checkpoint
 
@@ -210,3 +210,45 @@ def test_early_stop_when_the_lr_runs_out(data: Path, tmp_path: Path, step_lrs: l
     step_lrs.clear()
     (again,) = prepare_runs(cfg, "latest")
     assert fit(again, progress=False).epoch == state.epoch and step_lrs == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the plateau rule by itself
+# ---------------------------------------------------------------------------------------------
+def test_plateau_rule_defaults_and_arguments() -> None:
+    """The preset's rule (window 20, min_delta 1e-4, factor 0.5, stop below 1e-8, the original's stop
+    order, no halving yet) and the arguments it refuses: each bound alone."""
+    rule = PlateauHalving()
+    assert (rule.lr, rule.window, rule.min_delta, rule.factor, rule.stop_below, rule.stop_order) == (
+        3e-4, 20, 1e-4, 0.5, 1e-8, "original"
+    )  # fmt: skip
+    assert (rule.num_decays, rule.stopped, rule.last_average, len(rule.losses)) == (0, False, None, 0)
+    for bad in ({"window": 0}, {"factor": 0.0}, {"factor": 1.0}, {"factor": 1.5}, {"stop_order": "never"}):
+        with pytest.raises(ValueError):
+            PlateauHalving(1.0, **bad)  # type: ignore[arg-type]
+    ok = PlateauHalving(1.0, window=1, factor=0.999)  # the smallest window, a factor just below 1
+    assert ok.update(1.0) == 1.0 and ok.update(1.0) == 0.999 and ok.num_decays == 1
+
+
+def test_plateau_rule_thresholds_and_the_last_loss() -> None:
+    """A fall of exactly ``min_delta`` is no plateau; a rate exactly at ``stop_below`` does not stop;
+    the epoch at the rate below it stops with its loss recorded (the original's order)."""
+    rule = PlateauHalving(1.0, window=1, min_delta=0.25, stop_below=0.5)
+    assert rule.update(2.0) == 1.0 and rule.update(1.75) == 1.0  # fell by 0.25: no plateau
+    assert rule.update(1.625) == 0.5 and rule.num_decays == 1  # fell by 0.125 < 0.25: halve
+    assert not rule.should_stop and not rule.end_epoch(1.5)  # 0.5 is not below 0.5; 1.5 > 1.625 - 0.25
+    assert rule.lr == 0.25 and rule.should_stop and not rule.stopped  # halved: one more epoch trains
+    assert rule.end_epoch(1.25) and rule.stopped and rule.lr == 0.25  # it stops, nothing halved
+    assert list(rule.losses) == [1.25] and rule.state_dict()["losses"] == [1.25]
+
+
+def test_plateau_rule_loads_a_state_without_the_newer_keys() -> None:
+    """A state saved before ``num_decays``, ``stop_order`` and ``stopped`` existed: no halving counted,
+    the rule's own order, and stopped only when its rate is below ``stop_below`` (not at it)."""
+    state = PlateauHalving(1.0, window=2, stop_below=0.5).state_dict()
+    for key in ("num_decays", "stop_order", "stopped"):
+        del state[key]
+    for lr, stopped in ((0.5, False), (0.25, True)):
+        rule = PlateauHalving(1.0, stop_order="same_epoch")
+        rule.load_state_dict({**state, "lr": lr})
+        assert (rule.num_decays, rule.stop_order, rule.stopped, rule.window) == (0, "same_epoch", stopped, 2)

@@ -2,7 +2,7 @@
 
 Usage (from the repository root, with a checkout of huangmozhilv/u2net_torch)::
 
-    python -m tests.golden.make_golden --original PATH/u2net_torch/u2net_torch_src [--only preprocess inference training]
+    python -m tests.golden.make_golden --original PATH/u2net_torch/u2net_torch_src [--only preprocess inference training model]
 
 Each area has a module ``tests/golden/gen_<area>.py`` with
 
@@ -21,7 +21,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-AREAS = ("preprocess", "inference", "training")
+AREAS = ("preprocess", "inference", "training", "model")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
