@@ -379,3 +379,168 @@ def test_predict_flags_reach_the_settings() -> None:
         ["--ckp", "x", "--input", "i", "--output", "o", "--fp16_accumulator"]
     )
     assert predict.settings_from_args(fp16).accum_dtype == "float16"
+
+
+def test_weight_map_arguments_and_degenerate_patches() -> None:
+    """Patches of one voxel along an axis are valid (a single voxel weighs 1), other shapes and modes
+    are refused; the symmetric ramp of an even patch is 1 at its eight central voxels and 0 (floored
+    at ``eps``) at its corners; ``eps`` and ``sigma_scale`` reach the map."""
+    assert patch_weight_map((1, 4, 4)).shape == (1, 4, 4)
+    for mode in ("linear", "linear_symmetric"):
+        one = patch_weight_map((1, 1, 1), mode)
+        assert one.shape == (1, 1, 1) and one.dtype == np.float32 and one[0, 0, 0] == 1.0
+    for bad in ((8, 8), (0, 8, 8), (8, 8, 8, 8)):
+        with pytest.raises(ValueError):
+            patch_weight_map(bad)
+    with pytest.raises(ValueError):
+        patch_weight_map((8, 8, 8), "cosine")  # type: ignore[arg-type]
+    ws = patch_weight_map((8, 6, 4), "linear_symmetric", eps=0.0)
+    d = np.sqrt(((np.indices((8, 6, 4)) - np.array([3.5, 2.5, 1.5])[:, None, None, None]) ** 2).sum(0))
+    np.testing.assert_allclose(ws, 1 - (d - d.min()) / (d.max() - d.min()), rtol=1e-6, atol=1e-7)
+    assert ws[3:5, 2:4, 1:3].min() == 1.0 and ws[0, 0, 0] == 0.0
+    assert patch_weight_map((8, 8, 8), "gaussian", eps=0.5).min() == np.float32(0.5)
+    wide = patch_weight_map((9, 9, 9), "gaussian", sigma_scale=0.25)
+    assert wide[0, 4, 4] == pytest.approx(np.exp(-0.5 * (4 / 2.25) ** 2), rel=1e-6)
+
+
+def test_to_tensor_copies_only_when_it_must() -> None:
+    """float32 C-contiguous writeable arrays and float32 tensors are used in place; other dtypes are
+    converted to float32, read-only (memmap-like) and non-contiguous arrays copied."""
+    from inference.sliding_window import _to_tensor
+
+    arr = np.zeros((1, 2, 3, 4), dtype=np.float32)
+    assert np.shares_memory(_to_tensor(arr).numpy(), arr)
+    t = torch.zeros((1, 2, 3, 4))
+    assert _to_tensor(t).data_ptr() == t.data_ptr()
+    assert _to_tensor(t.double()).dtype == torch.float32
+    assert _to_tensor(arr.astype(np.float64)).dtype == torch.float32
+    frozen = arr.copy()
+    frozen.flags.writeable = False
+    got = _to_tensor(frozen)
+    assert not np.shares_memory(got.numpy(), frozen) and got.numpy().flags.writeable
+    flipped = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4)[..., ::-1]  # negative strides
+    got = _to_tensor(flipped)
+    assert not np.shares_memory(got.numpy(), flipped) and got.is_contiguous()
+    np.testing.assert_array_equal(got.numpy(), flipped)
+
+
+def test_a_single_window_counted_twice_keeps_the_probabilities() -> None:
+    """Every window counted twice (here the only one, along x): the weighted scores and the weight sum
+    both double, so the probabilities are those of the whole volume (not of halved logits)."""
+    image = np.random.default_rng(7).normal(size=(2, 1, 1, 8)).astype(np.float32)
+    probs = sliding_window(pointwise, image, 0, (1, 1, 8), S(), output="probabilities")
+    np.testing.assert_allclose(probs, whole_volume(image), rtol=1e-5, atol=1e-6)
+
+
+def test_float16_accumulator_floors_the_weights() -> None:
+    """A float16 accumulator floors the linear map at 1e-3 (its 1e-20 corner would vanish); the
+    blend keeps the ramp of the map (a window-dependent network shows it)."""
+    image = np.random.default_rng(8).normal(scale=3.0, size=(1, 8, 8, 12)).astype(np.float32)
+    probs = sliding_window(
+        _window_ramp, image, 0, (8, 8, 8), S(accum_dtype="float16"), output="probabilities"
+    )
+    w = np.maximum(patch_weight_map((8, 8, 8)), np.float32(1e-3)).astype(np.float64)
+    acc, norm = np.zeros((2, 8, 8, 12)), np.zeros((8, 8, 12))
+    for x0, n in ((0, 1), (4, 2)):
+        acc[:, :, :, x0 : x0 + 8] += (
+            n * w * _window_ramp(torch.from_numpy(image[None, ..., x0 : x0 + 8]), 0)[0].numpy()
+        )
+        norm[:, :, x0 : x0 + 8] += n * w
+    expected = np.exp(acc / norm) / np.exp(acc / norm).sum(0, keepdims=True)
+    np.testing.assert_allclose(probs, expected, atol=2e-2)
+
+
+def test_volume_mode_round_scaling_probabilities() -> None:
+    """``volume_scaling="round"``: no padding first, the probabilities come back at the whole input
+    shape (every voxel, summing to 1; axes of decreasing length, so that no axis is cut to another's
+    length) and agree with the label map."""
+    image = np.ascontiguousarray(_cube_image().transpose(0, 3, 2, 1))  # (1, 14, 12, 10)
+    settings = S(volume_scaling="round")
+    label = infer_case(threshold, image, 0, (8, 6, 6), settings, model_patch=(16, 12, 12))
+    probs = infer_case(
+        threshold, image, 0, (8, 6, 6), settings, model_patch=(16, 12, 12), output="probabilities"
+    )
+    assert probs.shape == (2, 14, 12, 10) and label.shape == (14, 12, 10)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(0), label)
+    np.testing.assert_array_equal(label, (image[0] > 0.5).astype(np.uint8))
+
+
+def test_volume_mode_probabilities_come_back_trilinear() -> None:
+    """unified_mode="volume", probabilities: those of the scaled case, resized back to the input
+    shape trilinearly (half-voxel centres, ``align_corners=False``)."""
+    image = np.random.default_rng(9).normal(size=(1, 10, 12, 14)).astype(np.float32)
+    task_patch, model_patch = (6, 6, 8), (12, 12, 16)
+    got = infer_case(threshold, image, 0, task_patch, S(), model_patch=model_patch, output="probabilities")
+    scaled = resize_image(image, (20, 24, 28))
+    small = sliding_window(threshold, scaled, 0, model_patch, S(), output="probabilities")
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(small)[None], size=(10, 12, 14), mode="trilinear", align_corners=False
+    )[0]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+
+
+def test_resizing_network_resizes_both_ways_trilinear() -> None:
+    """The patch mode's wrapper: the batch resized trilinearly (``align_corners=False``) to the model
+    patch, the logits (the first element of a tuple output) resized back the same way."""
+    interpolate = torch.nn.functional.interpolate
+    x = torch.from_numpy(np.random.default_rng(10).normal(size=(2, 1, 6, 6, 8)).astype(np.float32))
+
+    def net(v: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([torch.zeros_like(v), v**2 + t], dim=1), torch.full_like(v, 7.0)
+
+    got = ResizingNetwork(net, (6, 6, 8), (12, 12, 16))(x, 1)
+    up = interpolate(x, size=(12, 12, 16), mode="trilinear", align_corners=False)
+    expected = interpolate(net(up, 1)[0], size=(6, 6, 8), mode="trilinear", align_corners=False)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_trilinear_volume_resize_modality_by_modality() -> None:
+    """``volume_resize="trilinear"`` resizes each modality of (M, z, y, x) like one trilinear
+    interpolation of the whole (``align_corners=False``)."""
+    from inference.sliding_window import _resize_image
+
+    image = np.random.default_rng(11).normal(size=(2, 5, 6, 7)).astype(np.float32)
+    got = _resize_image(image, (9, 4, 14), "trilinear")
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(image)[None], size=(9, 4, 14), mode="trilinear", align_corners=False
+    )[0]
+    assert got.shape == (2, 9, 4, 14) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        _resize_image(image, (9, 4, 14), "cubic").numpy(), resize_image(image, (9, 4, 14))
+    )
+
+
+def test_progress_bar_only_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    """``progress=False`` (the default) writes nothing; ``progress=True`` shows a bar over the windows."""
+    image = np.zeros((2, 8, 8, 12), dtype=np.float32)
+    sliding_window(pointwise, image, 0, (8, 8, 8), S())
+    assert capsys.readouterr().err == ""
+    sliding_window(pointwise, image, 0, (8, 8, 8), S(progress=True))
+    assert "sliding window" in capsys.readouterr().err
+
+
+def test_inference_settings_defaults_and_checks() -> None:
+    """The defaults are the paper preset (batch 2 as the original's ``config.batch_size``, no progress
+    bar); the checks accept the edges of their ranges and refuse what lies past them; mirror axes
+    become a tuple of ints; the accumulator dtype maps to torch's."""
+    from dataclasses import asdict
+
+    assert asdict(S()) == {
+        "step_fraction": 0.5, "weight_mode": "linear", "window_count": "original", "pad_mode": "ceil_both",
+        "blend": "logits", "mirror_tta": False, "mirror_axes": (0, 1, 2), "batch_size": 2, "device": "cpu",
+        "amp": "off", "accum_dtype": "float64", "accum_device": "cpu", "unified_mode": "volume",
+        "volume_scaling": "pad_floor", "volume_resize": "cubic", "postprocess": True, "closing_border": "erode",
+        "weight_mask": "before", "progress": False,
+    }  # fmt: skip
+    assert S(step_fraction=1.0).step_fraction == 1.0 and S(batch_size=1).batch_size == 1
+    for bad in ({"step_fraction": 0.0}, {"step_fraction": 1.5}, {"batch_size": 0}, {"mirror_axes": (3,)},
+                {"weight_mode": "cosine"}, {"amp": "fp8"}):  # fmt: skip
+        with pytest.raises(ValueError):
+            S(**bad)  # type: ignore[arg-type]
+    axes = S(mirror_axes=[2, np.int64(0)]).mirror_axes  # type: ignore[arg-type]
+    assert axes == (2, 0) and isinstance(axes, tuple) and all(type(a) is int for a in axes)
+    names = ("float64", "float32", "float16")
+    dtypes = {name: S(accum_dtype=name).torch_accum_dtype for name in names}  # type: ignore[arg-type]
+    assert dtypes == {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16}
