@@ -166,7 +166,8 @@ class _Mutator(ast.NodeTransformer):
                 return repl
         return node
 
-    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+    def _swap_operator(self, node: ast.BinOp | ast.AugAssign, suffix: str) -> ast.AST:
+        """One mutant per arithmetic operator: ``+`` -> ``-`` etc. (``suffix`` "=" for ``+=``)."""
         self.generic_visit(node)
         new_op = _BINOP_SWAP.get(type(node.op))
         if new_op is not None:
@@ -175,24 +176,16 @@ class _Mutator(ast.NodeTransformer):
                 node.op = new_op()
                 return node
 
-            repl = self._site(node, f"{type(node.op).__name__} -> {new_op.__name__}", make)
+            repl = self._site(node, f"{type(node.op).__name__}{suffix} -> {new_op.__name__}{suffix}", make)
             if repl is not None:
                 return repl
         return node
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        return self._swap_operator(node, "")
 
     def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST:
-        self.generic_visit(node)
-        new_op = _BINOP_SWAP.get(type(node.op))
-        if new_op is not None:
-
-            def make() -> ast.AST:
-                node.op = new_op()
-                return node
-
-            repl = self._site(node, f"{type(node.op).__name__}= -> {new_op.__name__}=", make)
-            if repl is not None:
-                return repl
-        return node
+        return self._swap_operator(node, "=")
 
     def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST:
         self.generic_visit(node)
