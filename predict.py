@@ -25,10 +25,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from inference.backends import BACKENDS, PRECISIONS, RuntimeChoice, choose_runtime, onnxruntime_faster
 from inference.dicom import highdicom_problem
 from inference.exported import load_exported_task
 from inference.inputs import OUTPUT_FORMATS
-from inference.predictor import Segmenter, TaskModel
+from inference.predictor import Segmenter, TaskModel, write_predict_settings
 from inference.settings import (
     ACCUM_DTYPES,
     BLEND_MODES,
@@ -42,7 +43,9 @@ from inference.settings import (
     WINDOW_COUNTS,
     InferenceSettings,
 )
-from models.runtime import AMP_MODES, keep_freed_memory_in_heap, resolve_amp, resolve_device
+from models.export import format_of
+from models.runtime import AMP_MODES, keep_freed_memory_in_heap, resolve_device
+from models.unet import U2Net3D
 from utils.checkpoint import CheckpointError
 
 DEFAULTS = InferenceSettings()
@@ -185,13 +188,31 @@ def build_parser() -> argparse.ArgumentParser:
         "each window; ignored otherwise",
     )
     p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="arithmetic of the network: fp32 (the paper preset, the reference); bf16 (bfloat16 autocast); "
+        "fp16 (CUDA only); auto = bf16 where the CPU or GPU computes it natively (AVX-512 BF16 / AMX / "
+        "Arm BF16, or a bf16 GPU; never emulated), else fp32. The choice and its reason are printed and "
+        "stored in --output/predict_settings.json (docs/performance.md, 'Fast inference paths')",
+    )
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=BACKENDS,
+        help="what runs the network: torch (PyTorch, the preset); onnxruntime (CPU, fp32: the task's "
+        "domain exported to ONNX in memory, about twice as fast as PyTorch at the paper's width; needs "
+        "the onnxruntime package); auto = onnxruntime on a CPU in fp32 when installed, for the networks where "
+        "it was measured faster (the universal separable model, at least 16 channels wide), else torch. Default: torch; with --model, the file's engine "
+        "(onnxruntime for .onnx, torch for TorchScript)",
+    )
+    p.add_argument(
         "--amp",
         nargs="?",
         const="auto",
-        default=DEFAULTS.amp,
+        default=None,
         choices=AMP_MODES,
-        help="mixed precision autocast: --amp alone = auto (bfloat16 where supported, else float16 "
-        "on CUDA); off = fp32 (the paper preset)",
+        help="older spelling of --precision: off = fp32, --amp alone = auto",
     )
     p.add_argument(
         "--accumulator",
@@ -226,15 +247,40 @@ def build_parser() -> argparse.ArgumentParser:
         "skipped (outputs are written atomically, so an existing one is complete: a rerun after an "
         "interruption only does what is missing)",
     )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="segment a folder one case and one stage at a time; by default the next case is read and "
+        "preprocessed and the previous one post-processed and written while the network runs (at most "
+        "one case ahead; the same label maps)",
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
 
-def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
-    """The inference settings of parsed flags (device and AMP resolved)."""
-    device = resolve_device(args.device)
+def runtime_from_args(args: argparse.Namespace, ort_faster: bool = True) -> RuntimeChoice:
+    """The precision and backend of parsed flags (``--amp``, if given, stands for ``--precision``)."""
+    precision = args.precision
+    if args.amp is not None:
+        precision = {"off": "fp32"}.get(args.amp, args.amp)
+    backend = args.backend
+    if args.model is not None:  # an exported file runs with its own engine
+        fmt = "onnxruntime" if format_of(args.model) == "onnx" else "torch"
+        if backend not in (None, "auto", fmt):
+            raise ValueError(
+                f"--backend {backend} cannot run {args.model!r} (a {format_of(args.model)} file)"
+            )
+        backend = fmt
+        if fmt == "onnxruntime" and precision == "auto":
+            precision = "fp32"
+    return choose_runtime(precision, backend or "torch", resolve_device(args.device), ort_faster=ort_faster)
+
+
+def settings_from_args(args: argparse.Namespace, runtime: RuntimeChoice | None = None) -> InferenceSettings:
+    """The inference settings of parsed flags (device, precision and backend resolved)."""
+    runtime = runtime or runtime_from_args(args)
     return InferenceSettings(
-        device=str(device),
+        device=runtime.device,
         batch_size=args.batch_size,
         step_fraction=args.step_fraction,
         weight_mode=args.weight_mode,
@@ -248,7 +294,8 @@ def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
         closing_border=args.closing_border,
         weight_mask=args.weight_mask,
         unified_mode=args.unified_mode,
-        amp=resolve_amp(args.amp, device),
+        amp=runtime.amp,
+        backend="torch" if args.model is not None else runtime.backend,  # type: ignore[arg-type]
         accum_dtype="float16" if args.fp16_accumulator else args.accumulator,
         progress=not args.no_progress,
     )
@@ -265,19 +312,32 @@ def main(argv: Sequence[str] | None = None, *, tune_cpu_allocator: bool = False)
         print(f"predict.py: {missing}", file=sys.stderr)
         return 2
     try:
-        settings = settings_from_args(args)
+        device = str(resolve_device(args.device))
         if args.model is not None:
-            task = load_exported_task(args.model, args.task, settings.device)
+            task = load_exported_task(args.model, args.task, device)
         else:
-            task = TaskModel.from_checkpoint(args.ckp, args.task, settings.device)
+            task = TaskModel.from_checkpoint(args.ckp, args.task, device)
+        cfg = task.model.config if isinstance(task.model, U2Net3D) else None
+        faster = cfg is None or onnxruntime_faster(cfg.train_mode, cfg.module, cfg.base_channels)
+        runtime = runtime_from_args(args, faster)
+        settings = settings_from_args(args, runtime)
+        segmenter = Segmenter(task, settings)
     except (CheckpointError, ValueError, RuntimeError) as e:
         print(f"predict.py: {e}", file=sys.stderr)
         return 2
+    print(f"predict.py: {runtime.describe()}", file=sys.stderr)
     if tune_cpu_allocator and settings.device == "cpu":
         keep_freed_memory_in_heap()  # faster CPU inference on large volumes
     try:
-        report = Segmenter(task, settings).predict_files(
-            args.input, args.output, skip_existing=not args.overwrite, output_format=args.output_format
+        write_predict_settings(
+            args.output, runtime, settings, source=args.model or args.ckp, task=task.task_name
+        )
+        report = segmenter.predict_files(
+            args.input,
+            args.output,
+            skip_existing=not args.overwrite,
+            output_format=args.output_format,
+            pipeline=not args.sequential,
         )
     except OSError as e:  # the output folder cannot be created or written
         print(f"predict.py: {e}", file=sys.stderr)

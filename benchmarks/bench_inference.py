@@ -9,7 +9,9 @@ MONAI is a benchmark-only dependency (not in requirements.txt):
 ``.venv/bin/pip install --no-deps monai==1.5.1``.
 
     .venv/bin/python benchmarks/bench_inference.py                 # DynUNet, as the issue's figure
-    .venv/bin/python benchmarks/bench_inference.py --model u2net   # our model (base 16, pools 5,5,5)
+    .venv/bin/python benchmarks/bench_inference.py --model u2net   # our dense U-Net (base 16, pools 5,5,5)
+    .venv/bin/python benchmarks/bench_inference.py --model universal --skip-memory --volume-mode
+        # our universal separable model; --paths fp32 auto bf16 onnxruntime picks our paths
     .venv/bin/python benchmarks/bench_inference.py --skip-speed    # memory only
 """
 
@@ -31,9 +33,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from inference.backends import (  # noqa: E402
+    OnnxRuntimeNetwork,
+    choose_runtime,
+    native_bf16,
+    onnxruntime_faster,
+)
 from inference.settings import InferenceSettings  # noqa: E402
 from inference.sliding_window import sliding_window  # noqa: E402
 from models import build_model  # noqa: E402
+from models.runtime import amp_dtype, autocast  # noqa: E402
+from models.unet import U2Net3D  # noqa: E402
 
 
 def make_model(name: str, base: int) -> tuple[torch.nn.Module, Callable[[torch.Tensor, int], torch.Tensor]]:
@@ -54,11 +64,50 @@ def make_model(name: str, base: int) -> tuple[torch.nn.Module, Callable[[torch.T
         )
         net.eval()
         return net, lambda x, t: net(x)
-    if name == "u2net":
-        net = build_model("independent", [1], [2], base_channels=base, pools_per_axis=(5, 5, 5))
-        net.eval()
-        return net, lambda x, t: net(x, t)
+    if name in ("u2net", "universal"):
+        ours: U2Net3D
+        if name == "u2net":  # the dense U-Net (independent mode)
+            ours = build_model("independent", [1], [2], base_channels=base, pools_per_axis=(5, 5, 5))
+        else:  # the universal separable model, five domains (the paper's), task 0 segmented
+            ours = build_model(
+                "universal", [1, 1, 1, 2, 1], [2, 3, 3, 3, 3], module="separable_adapter", base_channels=base,
+                pools_per_axis=(5, 5, 5),
+            )  # fmt: skip
+        ours.eval()
+        return ours, lambda x, t: ours(x, t)
     raise ValueError(name)
+
+
+def path_network(
+    args: argparse.Namespace,
+    net: torch.nn.Module,
+    predictor: Callable[[torch.Tensor, int], torch.Tensor],
+    path: str,
+) -> tuple[Callable[[torch.Tensor, int], torch.Tensor], InferenceSettings, str]:
+    """Network function, settings and a label for one of our paths: ``fp32`` (PyTorch), ``auto``
+    (what ``predict.py --precision auto --backend auto`` picks here), ``bf16`` or ``onnxruntime``."""
+    dev = torch.device(args.device)
+    if path == "auto":
+        cfg = net.config if isinstance(net, U2Net3D) else None
+        faster = cfg is not None and onnxruntime_faster(cfg.train_mode, cfg.module, cfg.base_channels)
+        choice = choose_runtime("auto", "auto", dev, ort_faster=faster)
+    elif path == "bf16":
+        choice = choose_runtime("bf16", "torch", dev)
+    elif path == "onnxruntime":
+        choice = choose_runtime("fp32", "onnxruntime", dev)
+    else:
+        choice = choose_runtime("fp32", "torch", dev)
+    label = f"{path} = {choice.backend} {choice.precision}"
+    if choice.precision == "bf16" and not native_bf16(dev):
+        label += " (EMULATED: no native bf16 here)"
+    settings = InferenceSettings(
+        batch_size=args.batch_size, device=str(dev), accum_device=args.accum_device, amp=choice.amp
+    )
+    if choice.backend == "onnxruntime":
+        if not isinstance(net, U2Net3D):
+            raise SystemExit("the onnxruntime path needs one of our models (--model u2net or universal)")
+        return OnnxRuntimeNetwork(net, 0), settings, label
+    return predictor, settings, label
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -73,50 +122,73 @@ def speed(args: argparse.Namespace) -> None:
 
     monai_net = net if args.model == "dynunet" else (lambda x: net(x, 0))
 
-    def ours() -> np.ndarray:  # the same input as MONAI's: the volume already on the device
-        settings = InferenceSettings(
-            batch_size=args.batch_size,
-            device=str(dev),
-            accum_device=args.accum_device,
-            amp="auto" if args.amp else "off",
-        )
-        return sliding_window(predictor, vol_dev[0], 0, patch, settings)
+    def ours_fn(path: str) -> tuple[Callable[[], np.ndarray], str]:
+        fn, settings, label = path_network(args, net, predictor, path)
+
+        def run() -> np.ndarray:  # the same input as MONAI's: the volume already on the device
+            return sliding_window(fn, vol_dev[0], 0, patch, settings)
+
+        return run, label
 
     def monai() -> np.ndarray:
         with torch.inference_mode(), torch.autocast(dev.type, enabled=args.amp):
-            logits = sliding_window_inference(
+            logits = sliding_window_inference(  # one tensor in, one tensor out
                 vol_dev, patch, args.batch_size, monai_net, overlap=0.5, mode=args.monai_mode
             )
+            assert isinstance(logits, torch.Tensor)
             return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
-    # the two agree on most voxels (different blending: linear weights on softmax vs MONAI's mode)
-    agree = float((ours() == monai()).mean())  # also the warm-up of both
-    t_ours: list[float] = []
-    t_monai: list[float] = []
-    for _ in range(args.repeats):  # interleaved, so that load from other processes hits both alike
-        for fn, times in ((ours, t_ours), (monai, t_monai)):
+    runs: dict[str, tuple[Callable[[], np.ndarray], str]] = {p: ours_fn(p) for p in args.paths}
+    runs["MONAI"] = (monai, f"MONAI sliding_window_inference, {'autocast' if args.amp else 'fp32'}")
+    # warm-up of every path, and its labels: agreement with our fp32 labels (random weights: ties
+    # broken by rounding), and between our fp32 and MONAI (different blending)
+    labels = {name: fn() for name, (fn, _) in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved, so that load from other processes hits all alike
+        for name, (fn, _) in runs.items():
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-    logits = torch.randn(1, 2, *vol_dev.shape[2:], device=dev)
-    t0 = time.perf_counter()
-    logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
-    t_argmax = time.perf_counter() - t0
-    mo, mm = float(np.median(t_ours)), float(np.median(t_monai))
+            times[name].append(time.perf_counter() - t0)
     print(
         f"model={args.model} base={args.base} device={dev} threads={torch.get_num_threads()} amp={args.amp} "
         f"volume=1x1x128x160x160 patch=64^3 overlap=0.5 batch={args.batch_size} monai_mode={args.monai_mode} "
-        f"our accumulator on {args.accum_device}"
+        f"our accumulator on {args.accum_device}; median of {args.repeats} interleaved runs after a warm-up"
     )
-    print(f"ours (labels)  : median {mo:.2f} s  runs {[round(t, 2) for t in t_ours]}")
-    print(
-        f"MONAI (labels) : median {mm:.2f} s  runs {[round(t, 2) for t in t_monai]}"
-        f"  (of which logits.argmax {t_argmax:.2f} s)"
-    )
-    print(
-        f"ratio ours/MONAI = {mo / mm:.3f}; against MONAI's logits alone {mo / max(mm - t_argmax, 1e-9):.3f}"
-        f"   (label agreement {agree:.4f})"
-    )
+    ref = labels.get("fp32")
+    med = {name: float(np.median(t)) for name, t in times.items()}
+    for name, (_, label) in runs.items():
+        agree = (
+            f"  labels = ours fp32 on {float((labels[name] == ref).mean()) * 100:.3f} % of voxels"
+            if ref is not None
+            else ""
+        )
+        print(f"{label:52s}: median {med[name]:6.2f} s  runs {[round(t, 2) for t in times[name]]}{agree}")
+    for name in args.paths:
+        print(f"ratio ours {name} / MONAI = {med[name] / med['MONAI']:.3f}")
+
+
+def volume_mode(args: argparse.Namespace) -> None:
+    """The universal model's volume mode: one forward pass of a whole 128³ case, per path."""
+    torch.manual_seed(0)
+    net, predictor = make_model("universal", args.base)
+    x = torch.randn(1, 1, 128, 128, 128)
+    outs: dict[str, torch.Tensor] = {}
+    print(f"universal separable model (base {args.base}, pools 5,5,5): one 1x1x128^3 forward pass per path")
+    for path in args.paths:
+        fn, settings, label = path_network(args, net, predictor, path)
+        dtype = amp_dtype(settings.amp, torch.device(args.device))
+        times = []
+        for _ in range(1 + args.repeats):
+            t0 = time.perf_counter()
+            with torch.inference_mode(), autocast(torch.device(args.device), dtype):
+                out = fn(x, 0)
+            times.append(time.perf_counter() - t0)
+        outs[path] = out.float().argmax(1)
+        agree = float((outs[path] == outs[args.paths[0]]).float().mean()) * 100
+        print(
+            f"{label:52s}: median {float(np.median(times[1:])):6.2f} s (first {times[0]:.2f} s)  "
+            f"labels = {args.paths[0]} on {agree:.3f} %"
+        )
 
 
 def memory_child(
@@ -203,7 +275,22 @@ def memory(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["dynunet", "u2net"], default="dynunet", help="model used by both")
+    p.add_argument(
+        "--model",
+        choices=["dynunet", "u2net", "universal"],
+        default="dynunet",
+        help="model used by both: MONAI's DynUNet, our dense U-Net (independent) or universal separable model",
+    )
+    p.add_argument(
+        "--paths",
+        nargs="+",
+        default=["fp32", "auto"],
+        choices=["fp32", "auto", "bf16", "onnxruntime"],
+        help="our inference paths to time (fp32 first: the others' labels are compared with it)",
+    )
+    p.add_argument(
+        "--volume-mode", action="store_true", help="also time the universal model's one 128^3 forward"
+    )
     p.add_argument("--base", type=int, default=16, help="channels of the model's first level")
     p.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (both)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up")
@@ -247,6 +334,8 @@ def main() -> None:
         return
     if not args.skip_speed:
         speed(args)
+    if args.volume_mode:
+        volume_mode(args)
     if not args.skip_memory:
         memory(args)
 

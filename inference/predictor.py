@@ -21,10 +21,12 @@ segments:
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from inference.backends import OnnxRuntimeNetwork, RuntimeChoice
 from inference.dicom import highdicom_problem, write_dicom_seg
 from inference.geometry import restore_to_original, write_label_nifti
 from inference.inputs import InputCase, collect_cases, output_format_problem
@@ -44,17 +47,28 @@ from models.unet import U2Net3D
 from utils.checkpoint import choose_task, load_checkpoint
 from utils.decathlon import DataError, ImageSource
 from utils.dicom_series import DicomSeries
-from utils.io_utils import DiskFullError, atomic_write_csv, check_writable_folder, remove_stale_temporaries
+from utils.io_utils import (
+    DiskFullError,
+    atomic_write_csv,
+    atomic_write_json,
+    check_writable_folder,
+    remove_stale_temporaries,
+)
 from utils.preprocessing import preprocess_image
 from utils.triples import Int3, int3
 
 __all__ = [
     "CASES_CSV",
+    "PREDICT_SETTINGS_JSON",
     "PredictReport",
     "Segmenter",
     "TaskModel",
     "collect_cases",
+    "write_predict_settings",
 ]
+
+#: how the label maps in a folder were made (precision, backend, every inference setting)
+PREDICT_SETTINGS_JSON = "predict_settings.json"
 
 #: the table of DICOM inputs written beside their outputs (output file -> series)
 CASES_CSV = "cases.csv"
@@ -140,6 +154,16 @@ class PredictReport:
         return not self.failed
 
 
+@dataclass
+class _LoadedCase:
+    """A raw image after the task's preprocessing: image (M, z, y, x) float32 (dropped once on the
+    network's device), weight map (z, y, x) uint8 and the sidecar (geometry) dict."""
+
+    image: np.ndarray | None
+    weight: np.ndarray
+    sidecar: dict[str, Any]
+
+
 class Segmenter:
     """Segments images of one task with one model and one set of inference settings.
 
@@ -152,9 +176,15 @@ class Segmenter:
     def __init__(self, task: TaskModel, settings: InferenceSettings) -> None:
         self.task = task
         self.settings = settings
+        self._run: U2Net3D | NetworkFn = task.model
+        if settings.backend == "onnxruntime":
+            if isinstance(task.model, U2Net3D):  # the task's domain, exported to ONNX in memory
+                self._run = OnnxRuntimeNetwork(task.model, task.task_idx)
+            elif getattr(getattr(task.model, "exported", None), "format", None) != "onnx":
+                raise ValueError("backend onnxruntime needs a checkpoint's model or an .onnx file")
 
     def _network(self, x: torch.Tensor, task_idx: int) -> torch.Tensor:
-        return self.task.model(x, task_idx)
+        return self._run(x, task_idx)
 
     def segment_array(self, image: np.ndarray | torch.Tensor, weight: np.ndarray | None = None) -> np.ndarray:
         """Label map of a preprocessed case.
@@ -166,8 +196,12 @@ class Segmenter:
         Returns:
             uint8 (z, y, x) label map, post-processed when the settings say so.
         """
+        return self._postprocess(self._network_labels(image), weight)
+
+    def _network_labels(self, image: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The network stage: uint8 (z, y, x) labels of a preprocessed (M, z, y, x) case, not post-processed."""
         t = self.task
-        label = infer_case(
+        return infer_case(
             self._network,
             image,
             t.task_idx,
@@ -176,15 +210,17 @@ class Segmenter:
             model_patch=t.model_patch,
             num_classes=t.num_classes,
         )
-        if self.settings.postprocess:
-            label = postprocess(
-                label,
-                t.plans,
-                weight,
-                closing_border=self.settings.closing_border,
-                weight_mask=self.settings.weight_mask,
-            )
-        return label
+
+    def _postprocess(self, label: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+        if not self.settings.postprocess:
+            return label
+        return postprocess(
+            label,
+            self.task.plans,
+            weight,
+            closing_border=self.settings.closing_border,
+            weight_mask=self.settings.weight_mask,
+        )
 
     def probabilities(self, image: np.ndarray | torch.Tensor) -> np.ndarray:
         """Blended class probabilities (C, z, y, x) float32 of a preprocessed case."""
@@ -230,21 +266,38 @@ class Segmenter:
         Raises:
             DataError: the image cannot be read or does not match the task's modalities.
         """
-        image_np, weight, sidecar = preprocess_image(image_path, self.task.plans)
+        loaded = self._load(image_path)
+        return self._finish(self._network_stage(loaded), loaded, out_path, series)
+
+    # the three stages of a raw image, run one after another (segment_file) or overlapped over a
+    # folder (predict_files): read + preprocess, network, post-process + write
+    def _load(self, image_path: ImageSource) -> _LoadedCase:
+        image, weight, sidecar = preprocess_image(image_path, self.task.plans)
+        return _LoadedCase(image, weight, sidecar)
+
+    def _network_stage(self, loaded: _LoadedCase) -> np.ndarray:
         # on a GPU the (M, z, y, x) image goes there whole (the class scores stay on the CPU)
-        image = torch.from_numpy(image_np).to(self.settings.device)
-        del image_np
-        label = self.segment_array(image, weight)
-        del image
+        image = torch.from_numpy(loaded.image).to(self.settings.device)
+        loaded.image = None  # the preprocessed image is not needed after this stage
+        return self._network_labels(image)
+
+    def _finish(
+        self,
+        raw_label: np.ndarray,
+        loaded: _LoadedCase,
+        out_path: str | os.PathLike[str],
+        series: DicomSeries | None,
+    ) -> np.ndarray:
+        label = self._postprocess(raw_label, loaded.weight)
         if str(out_path).lower().endswith(".dcm"):
             if series is None:
                 raise ValueError("a DICOM Segmentation needs the source DICOM series")
-            full = restore_to_original(label, sidecar)
+            full = restore_to_original(label, loaded.sidecar)
             write_dicom_seg(
                 full, series, self.task.plans, out_path, task=self.task.task_name, model=self.task.model_file
             )
             return full
-        return write_label_nifti(label, sidecar, out_path)  # SimpleITK writes the format of the suffix
+        return write_label_nifti(label, loaded.sidecar, out_path)  # SimpleITK writes the format of the suffix
 
     def predict_files(
         self,
@@ -254,6 +307,7 @@ class Segmenter:
         log: Callable[[str], None] | None = None,
         skip_existing: bool = False,
         output_format: str | None = None,
+        pipeline: bool = True,
     ) -> PredictReport:
         """Segment every input case into ``output_dir``, going on after failures.
 
@@ -274,6 +328,9 @@ class Segmenter:
             skip_existing: keep outputs that already exist (``report.skipped``) instead of redoing them.
             output_format: ``"nifti"``, ``"mha"``, ``"nrrd"`` or ``"dicom-seg"`` (DICOM inputs only);
                 None: each input's own format (NIfTI for DICOM series).
+            pipeline: overlap the stages of consecutive cases (read + preprocess the next case and
+                post-process + write the previous one while the network runs); False: one case,
+                one stage after another. The label maps are the same either way.
 
         Raises:
             OSError: ``output_dir`` cannot be created or written (the message says which and why).
@@ -311,34 +368,94 @@ class Segmenter:
             else:
                 todo.append(case)
         bar = tqdm(
-            todo,
+            total=len(todo),
             desc=f"segmenting ({self.task.task_name})",
             unit="image",
             disable=not self.settings.progress,
         )
-        for i, case in enumerate(bar):
-            bar.set_postfix_str(case.output_name(output_format))
+
+        def _failed(case: InputCase, e: BaseException) -> None:
+            if isinstance(e, DataError):
+                path, reason = Path(e.path), e.reason
+            else:
+                path, reason = case.path, (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            _fail(case, path, reason)
+
+        def _load(case: InputCase) -> _LoadedCase:
             target = out_dir / case.output_name(output_format)
+            sources = [case.source] if isinstance(case.source, Path) else list(case.source)
+            if case.kind != "dicom" and any(target.resolve() == p.resolve() for p in sources):
+                raise ValueError("output would overwrite the input; choose another --output folder")
+            return self._load(case.source)
+
+        # Pipelined (docs/inference.md, "A folder of cases"): while the network segments case n, a
+        # reader thread preprocesses case n+1 and a writer thread post-processes and writes case n-1
+        # (at most one case ahead, one behind). Sequential: each case's three stages in turn.
+        reader = ThreadPoolExecutor(1, thread_name_prefix="u2net-read") if pipeline else None
+        writer = ThreadPoolExecutor(1, thread_name_prefix="u2net-write") if pipeline else None
+
+        def _start_load(i: int) -> Future[_LoadedCase] | None:
+            if reader is None or i >= len(todo):
+                return None
+            return reader.submit(_load, todo[i])
+
+        writing: tuple[InputCase, Callable[[], object]] | None = None
+        disk_full = False
+
+        def _collect(job: tuple[InputCase, Callable[[], object]] | None) -> None:
+            """Finish (or wait for) a case's post-processing and write; record the outcome."""
+            nonlocal disk_full
+            if job is None:
+                return
+            case, finish = job
             try:
-                if case.kind != "dicom" and any(
-                    target.resolve() == p.resolve()
-                    for p in ([case.path] if case.kind == "file" else case.source)
-                ):
-                    raise ValueError("output would overwrite the input; choose another --output folder")
-                self.segment_file(case.source, target, series=case.series)
-                report.written.append(target)
+                finish()
+                report.written.append(out_dir / case.output_name(output_format))
                 status[case.name] = ("written", "")
             except DiskFullError as e:  # the others would fail the same way, after their segmentation
                 _fail(case, case.path, str(e))
-                for rest in todo[i + 1 :]:
-                    _fail(rest, rest.path, "not done: the disk is full", quiet=True)
-                break
+                disk_full = True
             except Exception as e:  # report the case by name, go on with the others
-                if isinstance(e, DataError):
-                    path, reason = Path(e.path), e.reason
+                _failed(case, e)
+            bar.update(1)
+
+        try:
+
+            def _rest_not_done(start: int) -> None:
+                for rest in todo[start:]:
+                    _fail(rest, rest.path, "not done: the disk is full", quiet=True)
+
+            next_load = _start_load(0)
+            for i, case in enumerate(todo):
+                if disk_full:
+                    _rest_not_done(i)
+                    break
+                bar.set_postfix_str(case.output_name(output_format))
+                target = out_dir / case.output_name(output_format)
+                try:
+                    this_load, next_load = next_load, _start_load(i + 1)
+                    loaded = this_load.result() if this_load is not None else _load(case)
+                    raw_label = self._network_stage(loaded)
+                except Exception as e:
+                    _failed(case, e)
+                    bar.update(1)
+                    continue
+                job = functools.partial(self._finish, raw_label, loaded, target, case.series)
+                if writer is None:
+                    _collect((case, job))
                 else:
-                    path, reason = case.path, (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
-                _fail(case, path, reason)
+                    _collect(writing)  # the previous case's write: at most one case behind
+                    writing = None
+                    if disk_full:  # this case would fail the same way
+                        _rest_not_done(i)
+                        break
+                    writing = (case, writer.submit(job).result)
+            _collect(writing)
+        finally:
+            for pool in (reader, writer):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
         dicom = [c for c in cases if c.series is not None]
         if dicom:  # which output is which series
             rows = [
@@ -357,3 +474,31 @@ class Segmenter:
             ]
             atomic_write_csv(out_dir / CASES_CSV, CASES_COLUMNS, rows)
         return report
+
+
+def write_predict_settings(
+    output_dir: str | os.PathLike[str],
+    runtime: RuntimeChoice,
+    settings: InferenceSettings,
+    *,
+    source: str | os.PathLike[str],
+    task: str,
+) -> Path:
+    """Write ``output_dir/predict_settings.json``: the model file and task, the chosen precision and
+    backend with the reason (:class:`inference.backends.RuntimeChoice`) and every inference setting.
+
+    Raises:
+        OSError: ``output_dir`` cannot be created or written.
+    """
+    out_dir = check_writable_folder(output_dir)
+    path = out_dir / PREDICT_SETTINGS_JSON
+    atomic_write_json(
+        path,
+        {
+            "model": os.fspath(source),
+            "task": task,
+            "runtime": runtime.to_json(),
+            "settings": asdict(settings),
+        },
+    )
+    return path

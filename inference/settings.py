@@ -24,6 +24,7 @@ VolumeResize = Literal["cubic", "trilinear"]
 AccumDtype = Literal["float64", "float32", "float16"]
 ClosingBorder = Literal["erode", "keep"]
 WeightMask = Literal["before", "before_after"]
+NetworkBackend = Literal["torch", "onnxruntime"]
 
 WEIGHT_MODES: tuple[str, ...] = get_args(WeightMode)
 WINDOW_COUNTS: tuple[str, ...] = get_args(WindowCount)
@@ -35,6 +36,7 @@ VOLUME_RESIZES: tuple[str, ...] = get_args(VolumeResize)
 ACCUM_DTYPES: tuple[str, ...] = get_args(AccumDtype)
 CLOSING_BORDERS: tuple[str, ...] = get_args(ClosingBorder)
 WEIGHT_MASKS: tuple[str, ...] = get_args(WeightMask)
+NETWORK_BACKENDS: tuple[str, ...] = get_args(NetworkBackend)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class InferenceSettings:
         batch_size: windows per forward pass.
         device: where the network runs (``cpu``, ``cuda``, ``cuda:N``).
         amp: autocast mode, ``off`` (float32, the preset), ``bf16``, ``fp16`` or ``auto``.
+        backend: what runs the network: ``torch`` (the preset) or ``onnxruntime`` (CPU, fp32: the
+            task's domain exported to ONNX in memory; :mod:`inference.backends` chooses for ``auto``).
         accum_dtype: dtype of the class-score accumulator: ``float64`` (the original's), ``float32``
             (half the memory), ``float16`` (a quarter).
         accum_device: where the accumulator lives (CPU by default: bounded GPU memory).
@@ -90,6 +94,7 @@ class InferenceSettings:
     batch_size: int = 2
     device: str = "cpu"
     amp: str = "off"
+    backend: NetworkBackend = "torch"
     accum_dtype: AccumDtype = "float64"
     accum_device: str = "cpu"
     unified_mode: UnifiedMode = "volume"
@@ -116,6 +121,7 @@ class InferenceSettings:
             ("accum_dtype", ACCUM_DTYPES),
             ("closing_border", CLOSING_BORDERS),
             ("weight_mask", WEIGHT_MASKS),
+            ("backend", NETWORK_BACKENDS),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:

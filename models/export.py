@@ -7,7 +7,8 @@ and copies into it the shared weights and entry ``t`` of every per-task list (ad
 heads): nothing of the other domains, nothing of training. :class:`DomainNet` wraps it so that
 ``forward(x)`` needs no task index: ``(N, modalities, D, H, W) -> (N, classes, D, H, W)`` logits,
 with D, H, W any multiples of the model's total stride. The exported graph uses plain PyTorch ops
-(``set_fused_ops(False)``; the fused kernels are a CPU-training device).
+(``set_export_ops(True)``: the fused kernels are a CPU-training device, and nearest upsampling is
+written as broadcast + reshape, which ONNX Runtime runs faster than its Resize).
 
 The file carries what inference needs as JSON metadata (:func:`domain_metadata`): task name,
 labels, modalities, target spacing, normalisation, patch sizes, post-processing rules and the
@@ -29,6 +30,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -66,6 +68,9 @@ __all__ = [
     "format_parameter_line",
     "load_exported",
     "main",
+    "onnx_bytes",
+    "onnx_runner",
+    "onnxruntime_session",
 ]
 
 ExportFormat = Literal["onnx", "torchscript"]
@@ -153,7 +158,7 @@ def extract_domain(model: U2Net3D, task_idx: int) -> DomainNet:
     net = U2Net3D(one)
     net.load_state_dict(domain_state_dict(model, task_idx), strict=True)
     net.eval()
-    net.set_fused_ops(False)
+    net.set_export_ops(True)
     counts = parameter_counts(model)
     want = counts.shared + counts.per_task[task_idx]
     got = count_parameters(net)
@@ -254,6 +259,27 @@ def export_torchscript(net: DomainNet, metadata: Mapping[str, Any], path: str | 
         return atomic_write(path, lambda f: torch.jit.save(traced, f, _extra_files=extra))
 
 
+def onnx_bytes(net: DomainNet, *, opset: int = DEFAULT_OPSET) -> bytes:
+    """``net`` as an ONNX model in memory (dynamic N, D, H, W; no metadata): what
+    :func:`export_onnx` writes, and what ``predict.py --backend onnxruntime`` runs without a file."""
+    axes = {0: "N", 2: "D", 3: "H", 4: "W"}
+    with tempfile.TemporaryDirectory(prefix="u2net-onnx-") as tmp, _quiet_tracing(), torch.no_grad():
+        path = os.path.join(tmp, "domain.onnx")
+        torch.onnx.export(
+            net,
+            (_example_input(net),),
+            path,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+        with open(path, "rb") as f:
+            return f.read()
+
+
 def export_onnx(
     net: DomainNet, metadata: Mapping[str, Any], path: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET
 ) -> Path:
@@ -267,28 +293,15 @@ def export_onnx(
         import onnx  # optional dependency: only ONNX export needs it
     except ImportError as e:
         raise ExportError(f"ONNX export needs the onnx package: {ONNX_HINT}") from e
-    axes = {0: "N", 2: "D", 3: "H", 4: "W"}
+    proto = onnx.load_model_from_string(onnx_bytes(net, opset=opset))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(dict(metadata))
+    proto.doc_string = (
+        f"3D U2-Net, domain {metadata.get('task')}: {INPUT_NAME} (N, modalities, D, H, W) -> "
+        f"{OUTPUT_NAME} (N, classes, D, H, W); metadata in metadata_props['{METADATA_KEY}']"
+    )
+    onnx.checker.check_model(proto)
     with atomic_path(path) as tmp:
-        with _quiet_tracing(), torch.no_grad():
-            torch.onnx.export(
-                net,
-                (_example_input(net),),
-                str(tmp),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        proto = onnx.load(str(tmp))
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(dict(metadata))
-        proto.doc_string = (
-            f"3D U2-Net, domain {metadata.get('task')}: {INPUT_NAME} (N, modalities, D, H, W) -> "
-            f"{OUTPUT_NAME} (N, classes, D, H, W); metadata in metadata_props['{METADATA_KEY}']"
-        )
-        onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
     return Path(path)
 
@@ -356,15 +369,9 @@ def _load_onnx(path: str, device: torch.device, threads: int | None) -> Exported
     if device.type != "cpu":
         raise ExportError(f"{path!r}: ONNX models run on the CPU (ONNX Runtime); use --device cpu")
     try:
-        import onnxruntime as ort  # optional dependency: only running ONNX files needs it
-    except ImportError as e:
-        raise ExportError(f"running an ONNX model needs onnxruntime: {ONNX_HINT}") from e
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads or torch.get_num_threads())
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only
-    try:
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = onnxruntime_session(path, threads)
+    except ExportError:
+        raise
     except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
         raise ExportError(f"{path!r}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from e
     raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
@@ -374,12 +381,38 @@ def _load_onnx(path: str, device: torch.device, threads: int | None) -> Exported
         raise ExportError(f"{path!r}: unreadable metadata ({e})") from e
     meta = _check_metadata(meta, path)
 
+    return ExportedModel(onnx_runner(session), meta, "onnx", device, int(meta["parameters"]["domain"]))
+
+
+def onnxruntime_session(model: str | bytes, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session of a model file or of model bytes (:func:`onnx_bytes`).
+
+    Args:
+        threads: intra-op threads (default: ``torch.get_num_threads()``, as PyTorch would use).
+
+    Raises:
+        ExportError: onnxruntime is not installed.
+    """
+    try:
+        import onnxruntime as ort  # optional dependency: only running ONNX models needs it
+    except ImportError as e:
+        raise ExportError(f"running an ONNX model needs onnxruntime: {ONNX_HINT}") from e
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads or torch.get_num_threads())
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_runner(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x (N, modalities, D, H, W) -> logits`` (float32 CPU tensors) through an ONNX Runtime session."""
+
     def run(x: torch.Tensor) -> torch.Tensor:
         arr = x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
         (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: arr})
         return torch.from_numpy(np.asarray(out))
 
-    return ExportedModel(run, meta, "onnx", device, int(meta["parameters"]["domain"]))
+    return run
 
 
 def load_exported(

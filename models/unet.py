@@ -203,7 +203,7 @@ class U2Net3D(nn.Module):
             parts = decoder.forward_parts(y, skips[level], task_idx)
             y = parts.out
             if ds_sum is not None:
-                ds_sum = upsample_nearest(ds_sum, y.shape[2:])
+                ds_sum = upsample_nearest(ds_sum, y.shape[2:], by_expand=decoder.upsample_by_expand)
             if level in self.ds_levels:
                 ds = self.ds_heads[str(level)](y, task_idx)
                 ds_sum = ds if ds_sum is None else ds_sum + ds
@@ -225,6 +225,15 @@ class U2Net3D(nn.Module):
         for m in self.modules():
             if isinstance(m, _HasFusedOps):  # i.e. hasattr(m, "use_fused")
                 m.use_fused = enabled
+
+    def set_export_ops(self, enabled: bool) -> None:
+        """Write operations the way an exported graph runs them fastest (the same values): plain
+        PyTorch ops instead of the fused kernels (:meth:`set_fused_ops`) and nearest upsampling as
+        broadcast + reshape (:func:`models.blocks.upsample_nearest`)."""
+        self.set_fused_ops(not enabled)
+        for m in self.modules():
+            if isinstance(m, DecoderBlock):
+                m.upsample_by_expand = enabled
 
     def set_depthwise_kernel(self, kernel: str) -> None:
         """Run the depthwise adapters (separable units) with PyTorch's kernels (``"native"``, default)

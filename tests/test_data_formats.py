@@ -274,6 +274,7 @@ def test_nnunet_mha_task_gives_the_msd_nifti_results(
         ]
         assert predict.main([*argv, "--no_progress"]) == 0
     assert sorted(p.name for p in (tmp_path / NNUNET).iterdir()) == [
+        "predict_settings.json",
         "prostatemr_101.mha",
         "prostatemr_102.mha",
     ]

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from demo import summary
+from demo import seed_table, summary
 from models import build_model
 from models.params import freeze_for_task, transferable_conv_weights
 from utils.checkpoint import save_checkpoint
@@ -229,3 +229,19 @@ def test_command_line(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit) as e:
             runpy.run_module("demo.summary", run_name="__main__")
     assert e.value.code == 0 and "usage: python -m demo.summary" in capsys.readouterr().out
+
+
+def test_seed_table_reports_min_mean_spread_and_the_floor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fields = "mode,task,class,class_name,dice,hd95_mm,num_cases,params,task_params\n"
+    for seed, (a, b) in {3: (0.90, 0.85), 12: (0.80, 0.79)}.items():
+        (tmp_path / f"seed_{seed}.csv").write_text(
+            fields + f"universal,TaskA,1,liver,{a},1,3,10,5\nuniversal,TaskA,2,tumour,{b},1,3,10,5\n"
+        )
+    files = sorted(tmp_path.glob("seed_*.csv"))
+    assert seed_table.main([str(f) for f in files]) == 1  # 0.79 < 0.80
+    out = capsys.readouterr().out
+    assert "| universal | TaskA | 1 liver | 2 | 0.800 | 0.850 | 0.100 | 12 | 0 |" in out
+    assert "| universal | TaskA | 2 tumour | 2 | 0.790 | 0.820 | 0.060 | 12 | 1 |" in out
+    assert seed_table.main([str(f) for f in files] + ["--floor", "0.75"]) == 0

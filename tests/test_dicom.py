@@ -56,7 +56,9 @@ def test_dicom_seg_matches_nifti_voxel_by_voxel(ckpt: Path, tmp_path: Path) -> N
     assert _predict(ckpt, [tmp_path / "in"], tmp_path / "nii", "--output_format", "nifti") == 0
     assert _predict(ckpt, [tmp_path / "in"], tmp_path / "seg", "--output_format", "dicom-seg") == 0
     uid = info["uid"]
-    assert sorted(p.name for p in (tmp_path / "seg").iterdir()) == sorted(["cases.csv", f"{uid}.dcm"])
+    assert sorted(p.name for p in (tmp_path / "seg").iterdir()) == sorted(
+        ["cases.csv", f"{uid}.dcm", "predict_settings.json"]
+    )
     nifti = sitk.ReadImage(str(tmp_path / "nii" / f"{uid}.nii.gz"))
     label = sitk.GetArrayFromImage(nifti)
     assert label.shape == (10, 20, 24) and set(np.unique(label)) == {0, 1, 2}  # a non-trivial label map
@@ -130,7 +132,9 @@ def test_bad_dicom_inputs_each_named_others_done(
             listing,
         )
     assert "6 input(s) failed" in err and "wrote 1 of 7 label maps" in err
-    assert sorted(p.name for p in out.iterdir()) == sorted(["cases.csv", f"{good['uid']}.dcm"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["cases.csv", f"{good['uid']}.dcm", "predict_settings.json"]
+    )
     rows = {r["series_uid"]: r for r in csv.DictReader(open(out / "cases.csv"))}
     assert rows[good["uid"]]["status"] == "written"
     assert rows[gap["uid"]]["status"] == "failed" and "missing" in rows[gap["uid"]]["reason"]

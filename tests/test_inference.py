@@ -530,7 +530,7 @@ def test_inference_settings_defaults_and_checks() -> None:
     assert asdict(S()) == {
         "step_fraction": 0.5, "weight_mode": "linear", "window_count": "original", "pad_mode": "ceil_both",
         "blend": "logits", "mirror_tta": False, "mirror_axes": (0, 1, 2), "batch_size": 2, "device": "cpu",
-        "amp": "off", "accum_dtype": "float64", "accum_device": "cpu", "unified_mode": "volume",
+        "amp": "off", "backend": "torch", "accum_dtype": "float64", "accum_device": "cpu", "unified_mode": "volume",
         "volume_scaling": "pad_floor", "volume_resize": "cubic", "postprocess": True, "closing_border": "erode",
         "weight_mask": "before", "progress": False,
     }  # fmt: skip

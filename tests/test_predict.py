@@ -99,7 +99,7 @@ def test_predict_end_to_end(
     err = capsys.readouterr().err
     assert rc == 1
     assert "broken.nii.gz" in err and "three_d.nii.gz" in err and "modalit" in err
-    assert sorted(p.name for p in out.iterdir()) == sorted(sources)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*sources, "predict_settings.json"])
     # the same steps done by hand: preprocess with the checkpoint's plans, segment the preprocessed
     # array (sliding window, unified-patch resize, post-processing), undo crop + resampling
     task = TaskModel.from_checkpoint(ckpt, "Task93_DemoProstateMR")

@@ -16,6 +16,7 @@ import torch
 
 import predict
 from demo.data import generate_task
+from inference.predictor import PREDICT_SETTINGS_JSON as SETTINGS
 from models import build_model
 from tests.crashkit import finish, kill_at_marker, launch
 from tests.synthetic import synthetic_plans
@@ -91,8 +92,9 @@ def test_predict_killed_mid_folder_reruns_only_what_is_missing(
     kill_at_marker(
         launch("predict.py", _args(ckpt, [str(inputs)], out), cwd=tmp_path, plan=plan), tmp_path / "marker"
     )
-    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != SETTINGS)
     assert visible == names[: n - 1]  # finished cases only: the partial one is a hidden temporary file
+    assert (out / SETTINGS).is_file()  # written before the first case
     assert [p.name.startswith(TMP_PREFIX) for p in out.iterdir() if p.name.startswith(".")] == [True]
     for name in visible:
         _same_label_maps(out / name, tmp_path / "ref" / name)
@@ -102,7 +104,7 @@ def test_predict_killed_mid_folder_reruns_only_what_is_missing(
     assert rc == 0, log
     assert f"wrote {len(names) - n + 1} of {len(names)} label maps" in log
     assert f"{n - 1} label map(s) already in {out} were kept (--overwrite redoes them)" in log
-    assert sorted(p.name for p in out.iterdir()) == names
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, SETTINGS])
     assert {name: (out / name).stat().st_mtime_ns for name in visible} == before
     for name in names:
         _same_label_maps(out / name, tmp_path / "ref" / name)
@@ -158,7 +160,9 @@ def test_predict_bad_inputs_each_named_others_done(
     for name, why in expected.items():
         assert any(name in line and why in line for line in listing.splitlines()), (name, why, listing)
     assert f"{len(expected)} input(s) failed" in err and "wrote 2 of 10 label maps" in err
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in good)  # nothing half-written
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*(p.name for p in good), SETTINGS]
+    )  # nothing half-written
 
 
 def test_predict_bad_checkpoints_and_output(
@@ -214,4 +218,6 @@ def test_predict_full_disk_names_the_file_and_stops(
     err = capsys.readouterr().err
     assert f"no space left on the device to write {out / names[1]}: the file needs about" in err
     assert err.count("not done: the disk is full") == len(names) - 2 and len(calls) == 2
-    assert sorted(p.name for p in out.iterdir()) == names[:1]  # the finished one, no partial file
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [names[0], SETTINGS]
+    )  # the finished one, no partial file

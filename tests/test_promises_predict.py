@@ -214,7 +214,10 @@ def test_two_inputs_with_one_file_name_fail(
         rc, got = _run(tmp_path, f"out{k}", "--no_postprocess", inputs=inputs)
         err = capsys.readouterr().err
         assert rc == 1 and "overwrite each other" in err and "1 input(s) failed" in err
-        assert sorted(p.name for p in (tmp_path / f"out{k}").iterdir()) == ["case.nii.gz"]
+        assert sorted(p.name for p in (tmp_path / f"out{k}").iterdir()) == [
+            "case.nii.gz",
+            "predict_settings.json",
+        ]
         kept = first if np.array_equal(got, labels[first]) else second
         dropped = second if kept == first else first
         np.testing.assert_array_equal(got, labels[kept])  # one of the two, whole

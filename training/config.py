@@ -14,6 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from inference.backends import BACKENDS, PRECISIONS
 from models.params import NEW_CLASS_SCOPES
 from models.runtime import AMP_MODES
 from models.triton_depthwise import DEPTHWISE_KERNEL_MODES
@@ -315,6 +316,20 @@ class TrainConfig:
         nargs="?",
         const="auto",
     )
+    infer_precision: str = _opt(
+        "same",
+        "arithmetic of validation and --predict: same = as training (--amp), fp32, bf16, fp16 (CUDA) or auto "
+        "(bf16 where computed natively, else fp32; predict.py --precision)",
+        HARDWARE,
+        choices=("same", *PRECISIONS),
+    )
+    infer_backend: str = _opt(
+        "torch",
+        "what runs the network in validation and --predict: torch, onnxruntime (CPU, fp32) or auto "
+        "(predict.py --backend)",
+        HARDWARE,
+        choices=BACKENDS,
+    )
     channels_last: str = _opt(
         "auto",
         "channels_last_3d memory format (auto: on for CPU, where it is faster, off on CUDA)",
@@ -405,6 +420,12 @@ class TrainConfig:
                 setattr(self, name, v)
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if (
+            self.infer_backend == "onnxruntime"
+            and self.infer_precision not in ("auto", "fp32")
+            and not (self.infer_precision == "same" and self.amp == "off")
+        ):
+            raise ValueError("--infer_backend onnxruntime runs in fp32: use --infer_precision fp32 (or auto)")
         for name in ("channels_last", "fused_ops"):
             if getattr(self, name) not in SWITCH_CHOICES:
                 raise ValueError(f"{name} must be one of {SWITCH_CHOICES}, got {getattr(self, name)!r}")
@@ -412,6 +433,8 @@ class TrainConfig:
             ("depthwise_kernel", DEPTHWISE_KERNEL_MODES),
             ("augment_pipeline", AUGMENT_PIPELINES),
             ("augment_device", AUGMENT_DEVICES),
+            ("infer_precision", ("same", *PRECISIONS)),
+            ("infer_backend", BACKENDS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

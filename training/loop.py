@@ -37,7 +37,7 @@ from training.state import (
     save_training_checkpoint,
 )
 from training.step import StepOptions, task_for_step, train_step
-from training.validation import mean_dice, run_inference_settings, validate
+from training.validation import mean_dice, run_inference_settings, run_runtime, validate
 from utils.checkpoint import restore_rng_state
 from utils.io_utils import atomic_write_json, remove_stale_temporaries
 
@@ -313,6 +313,7 @@ def _epochs(
         loss_fn = GlobalBatchLoss(segmentation_loss, ctx)
         sync = GradientSync(ctx, model, trained)
     infer = run_inference_settings(config, device)
+    log.info(f"validation: {run_runtime(config, device).describe()}")
     for t in trained:
         scan_cases(tasks[t])
     log.info(

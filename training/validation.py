@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference.backends import RuntimeChoice, choose_runtime, onnxruntime_faster
 from inference.geometry import restore_to_original, write_label_nifti
 from inference.predictor import Segmenter, TaskModel
 from inference.settings import InferenceSettings
@@ -43,15 +44,33 @@ class TaskValidation:
     example: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # image, label, prediction slices
 
 
+def run_runtime(config: TrainConfig, device: torch.device) -> RuntimeChoice:
+    """The precision and backend of a run's validation and ``--predict``
+    (:func:`inference.backends.choose_runtime`).
+
+    Raises:
+        ValueError: a combination that cannot run (e.g. onnxruntime with bf16, or not installed).
+    """
+    precision = config.infer_precision
+    if precision == "same":
+        amp = resolve_amp(config.amp, device)
+        precision = "fp32" if amp == "off" else amp
+    faster = onnxruntime_faster(config.mode, config.module, config.base_channels)
+    return choose_runtime(precision, config.infer_backend, device, ort_faster=faster)
+
+
 def run_inference_settings(
     config: TrainConfig, device: torch.device, *, postprocess: bool | None = None, progress: bool = False
 ) -> InferenceSettings:
     """The inference settings of a training run (validation and ``--predict``): the paper preset's
-    sliding window on the run's device, with the run's mixed precision (a bf16 run validates in
-    bf16). ``postprocess`` defaults to the run's ``val_postprocess``."""
+    sliding window on the run's device, in the precision and backend of ``--infer_precision`` /
+    ``--infer_backend`` (by default the run's mixed precision — a bf16 run validates in bf16 — and
+    PyTorch). ``postprocess`` defaults to the run's ``val_postprocess``."""
+    runtime = run_runtime(config, device)
     return InferenceSettings(
         device=str(device),
-        amp=resolve_amp(config.amp, device),
+        amp=runtime.amp,
+        backend=runtime.backend,  # type: ignore[arg-type]
         postprocess=config.val_postprocess if postprocess is None else postprocess,
         progress=progress,
     )
