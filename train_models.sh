@@ -115,17 +115,17 @@ demo() {
     read -r -a extra_train <<< "${DEMO_TRAIN_ARGS:-}"
     read -r -a extra_predict <<< "${DEMO_PREDICT_ARGS:-}"
     common+=("${extra_train[@]}")
-    # the schedule (docs/training.md, "Laptop demo"): steps per task, 139 universal, 80 independent,
-    # 80 shared; the new domain 40 when the trained model is extended (17k parameters train, warm
-    # started from the liver domain), 192 when adapted as the original code did (93k parameters train,
+    # the schedule (docs/training.md, "Laptop demo"): steps per task, 139 universal, 100 independent,
+    # 60 shared; the new domain 40 when the trained model is extended (17k parameters train, warm
+    # started from the liver domain), 256 when adapted as the original code did (93k parameters train,
     # the downsampling path from scratch); the liver domain's grown label set (+ tumour) 220
     local multi=(--model_patch 32 32 32 --pools 3 3 3 --max_epoch "${DEMO_EPOCHS_MULTI:-4}"
         --steps_per_epoch "${DEMO_STEPS_MULTI:-120}")
     local universal=(--steps_per_epoch "${DEMO_STEPS_UNIVERSAL:-104}")
-    local shared=(--max_epoch "${DEMO_EPOCHS_SHARED:-2}" --steps_per_epoch "${DEMO_STEPS_SHARED:-120}")
-    local indep=(--patch_size 32 32 32 --max_epoch "${DEMO_EPOCHS_INDEP:-2}" --steps_per_epoch "${DEMO_STEPS_INDEP:-40}")
+    local shared=(--max_epoch "${DEMO_EPOCHS_SHARED:-2}" --steps_per_epoch "${DEMO_STEPS_SHARED:-90}")
+    local indep=(--patch_size 32 32 32 --max_epoch "${DEMO_EPOCHS_INDEP:-2}" --steps_per_epoch "${DEMO_STEPS_INDEP:-50}")
     local adapt=(--max_epoch "${DEMO_EPOCHS_ADAPT:-2}" --steps_per_epoch "${DEMO_STEPS_ADAPT:-20}")
-    local adapt_original=(--max_epoch "${DEMO_EPOCHS_ADAPT:-2}" --steps_per_epoch "${DEMO_STEPS_ADAPT_ORIGINAL:-96}")
+    local adapt_original=(--max_epoch "${DEMO_EPOCHS_ADAPT:-2}" --steps_per_epoch "${DEMO_STEPS_ADAPT_ORIGINAL:-128}")
     local more_classes=(--max_epoch "${DEMO_EPOCHS_NEW_CLASSES:-4}" --steps_per_epoch "${DEMO_STEPS_NEW_CLASSES:-55}")
 
     stamp "generating demo tasks into $DEMO_DATA/"
@@ -150,14 +150,14 @@ demo() {
 
     # two lanes of training processes (one thread each) keep the 2 cores busy:
     #   lane 1: independent models -> shared model -> (once the universal model is trained) the universal
-    #           model extended to the new domain -> the universal model adapted to it as the original code did
-    #   lane 2: universal model -> the universal model's liver domain with a grown label set (+ tumour)
+    #           model adapted to the new domain as the original code did
+    #   lane 2: universal model -> universal model extended to the new domain -> the universal model's
+    #           liver domain with a grown label set (+ tumour)
     local uni="$DEMO_RES/res_u2net3d_universal_demo/${DEMO_TASKS// /_}"
     stamp "lane 1: independent models ($logs/independent.log), shared model ($logs/shared.log), then the universal" \
-        "model extended to $DEMO_NEW ($logs/universal_adapted.log) and adapted to it as the original code did" \
-        "($logs/universal_adapted_original.log)"
-    stamp "lane 2: universal model ($logs/universal.log), then its $DEMO_GROWN grown to the classes of" \
-        "$DEMO_MORE_CLASSES ($logs/universal_new_classes.log)"
+        "model adapted to $DEMO_NEW as the original code did ($logs/universal_adapted_original.log)"
+    stamp "lane 2: universal model ($logs/universal.log), extended to $DEMO_NEW ($logs/universal_adapted.log), then" \
+        "its $DEMO_GROWN grown to the classes of $DEMO_MORE_CLASSES ($logs/universal_new_classes.log)"
     (
         "$PY" train_model_no_adapters.py --trainMode independent --out_tag demo --tasks $DEMO_TASKS "${common[@]}" \
             "${indep[@]}" > "$logs/independent.log" 2>&1 || { tail -20 "$logs/independent.log"; exit 1; }
@@ -167,9 +167,6 @@ demo() {
             [[ -f "$logs/universal.failed" ]] && exit 1
             sleep 1
         done
-        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted \
-            --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" "${adapt[@]}" \
-            > "$logs/universal_adapted.log" 2>&1 || { tail -20 "$logs/universal_adapted.log"; exit 1; }
         "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted_original \
             --adapt_scope original_code --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
             "${adapt_original[@]}" > "$logs/universal_adapted_original.log" 2>&1 \
@@ -181,6 +178,9 @@ demo() {
             --tasks $DEMO_TASKS "${common[@]}" "${multi[@]}" "${universal[@]}" > "$logs/universal.log" 2>&1 \
             || { touch "$logs/universal.failed"; tail -20 "$logs/universal.log"; exit 1; }
         touch "$logs/universal.done"
+        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted \
+            --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" "${adapt[@]}" \
+            > "$logs/universal_adapted.log" 2>&1 || { tail -20 "$logs/universal_adapted.log"; exit 1; }
         "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_new_classes \
             --tasks "$DEMO_MORE_CLASSES" --add_classes_to "$DEMO_GROWN" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
             "${more_classes[@]}" > "$logs/universal_new_classes.log" 2>&1 \

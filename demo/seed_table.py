@@ -4,7 +4,7 @@
     python -m demo.seed_table runs/seed_*.csv --floor 0.80
 
 Each input is a ``summary.csv`` of one demo run (:mod:`demo.summary`); its seed is read from the
-file name (the last number in it). Prints a Markdown table, one row per (mode, task, class):
+path (the last number in it; ``default`` when there is none, e.g. ``runs/seed_default/summary.csv``). Prints a Markdown table, one row per (mode, task, class):
 seeds, min, mean, max - min, the seed of the minimum, and how many seeds fall below ``--floor``.
 Exit status 1 when any does.
 """
@@ -21,14 +21,12 @@ from pathlib import Path
 import numpy as np
 
 
-def read_runs(paths: Sequence[Path]) -> dict[tuple[str, str, str], dict[int, float]]:
+def read_runs(paths: Sequence[Path]) -> dict[tuple[str, str, str], dict[str, float]]:
     """``(mode, task, "class name") -> {seed: dice}``."""
-    table: dict[tuple[str, str, str], dict[int, float]] = {}
+    table: dict[tuple[str, str, str], dict[str, float]] = {}
     for path in paths:
         numbers = re.findall(r"\d+", str(path))
-        if not numbers:
-            raise SystemExit(f"{path}: no seed number in the file name")
-        seed = int(numbers[-1])
+        seed = numbers[-1] if numbers else "default"
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 key = (row["mode"], row["task"], f"{row['class']} {row['class_name']}")
