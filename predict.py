@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="what runs the network: torch (PyTorch, the preset); onnxruntime (CPU, fp32: the task's "
         "domain exported to ONNX in memory, about twice as fast as PyTorch at the paper's width; needs "
         "the onnxruntime package); auto = onnxruntime on a CPU in fp32 when installed, for the networks where "
-        "it was measured faster (the universal separable model, at least 16 channels wide), else torch. Default: torch; with --model, the file's engine "
+        "it was measured faster (the dense U-Net and the universal separable model, at least 16 channels "
+        "wide), else torch. Default: torch; with --model, the file's engine "
         "(onnxruntime for .onnx, torch for TorchScript)",
     )
     p.add_argument(

@@ -11,10 +11,10 @@ What ``auto`` picks (docs/performance.md, "Fast inference paths", has the measur
   supports it without emulation, a CPU with AVX-512 BF16 or AMX (x86) or the BF16 extension
   (Arm) and oneDNN able to use it; never an emulated bf16 (slower than fp32). Otherwise ``fp32``.
 * backend: ONNX Runtime on a CPU, in fp32, when ``onnxruntime`` is installed and the network is one
-  where it was measured faster than PyTorch (:func:`onnxruntime_faster`: the universal separable
-  model at least :data:`ORT_MIN_BASE` channels wide — its depthwise convolutions and norms; the
-  dense U-Net's 3³ convolutions are faster in PyTorch's oneDNN kernels, and at the demo's width 8
-  per-operation overheads dominate); PyTorch otherwise (GPUs, bf16).
+  where it was measured faster than PyTorch (:func:`onnxruntime_faster`: the dense U-Net and the
+  universal separable model at least :data:`ORT_MIN_BASE` channels wide; at the demo's width 8
+  per-operation overheads dominate, and the series/parallel adapters were not measured); PyTorch
+  otherwise (GPUs, bf16).
 
 Every fast path is held to the accuracy bar of ``tests/test_fast_paths.py`` (label maps agree with
 fp32 PyTorch on >= 99.9 % of the voxels, per-class Dice within 0.002); ``fp32`` + ``torch`` is the
@@ -58,11 +58,10 @@ ORT_MIN_BASE = 16
 
 def onnxruntime_faster(train_mode: str, module: str | None, base_channels: int) -> bool:
     """Whether ONNX Runtime segments faster than PyTorch on a CPU for this network, as measured by
-    ``benchmarks/bench_inference.py`` (docs/performance.md): the universal model with separable
-    adapters, at least :data:`ORT_MIN_BASE` channels wide."""
-    return (
-        train_mode == "universal" and module in (None, "separable_adapter") and base_channels >= ORT_MIN_BASE
-    )
+    ``benchmarks/bench_inference.py`` (docs/performance.md): the dense U-Net (independent, shared) and
+    the universal model with separable adapters, at least :data:`ORT_MIN_BASE` channels wide."""
+    measured = train_mode in ("independent", "shared") or module in (None, "separable_adapter")
+    return measured and base_channels >= ORT_MIN_BASE
 
 
 #: CPU feature flags (``/proc/cpuinfo``) that mean native bfloat16 arithmetic
