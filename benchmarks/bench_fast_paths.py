@@ -117,7 +117,11 @@ def main() -> None:
         rows += demo_rows(args.demo_results, args.demo_data, paths)
     if args.random:
         rows += random_rows(paths)
-    emulated = "" if native_bf16(torch.device("cpu")) else " (bf16 EMULATED: this CPU has no native bf16)"
+    emulated = (
+        " (bf16 EMULATED: this CPU has no native bf16)"
+        if "bf16" in paths and not native_bf16(torch.device("cpu"))
+        else ""
+    )
     print(f"fast paths vs fp32 PyTorch{emulated}; {time.perf_counter() - t0:.0f} s")
     print("| model, cases | path | equal voxels (worst case) | largest Dice change | cases |")
     print("|---|---|---|---|---|")
