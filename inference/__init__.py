@@ -8,6 +8,7 @@ turns ``--input`` files and folders (channel files, DICOM series) into cases;
 :mod:`inference.predictor` ties them together (:class:`inference.predictor.Segmenter`), for
 ``predict.py`` and for training's validation alike; :mod:`inference.exported` makes a domain exported
 by ``python -m models.export`` (ONNX, TorchScript) the predictor's model (``predict.py --model``).
+:mod:`inference.backends` resolves ``--precision``/``--backend`` (bf16, ONNX Runtime; what ``auto`` picks).
 
 Imports: ``utils`` and ``models`` (and third-party libraries); never ``training`` or ``demo``.
 """
