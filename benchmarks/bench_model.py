@@ -14,7 +14,12 @@ with PyTorch's own InstanceNorm3d / depthwise conv3d (the original's formulation
 this project's fused kernels (models/fused.py; same results, tested); "cl" = channels_last_3d;
 "fast" = cl + fused + glibc keeping freed memory in its heap (models/runtime.py, which the training
 and prediction scripts switch on for CPU runs; it removes the page-fault and zeroing cost of the
-many large short-lived activations).
+many large short-lived activations); "fast-conv1x1" = fast with PyTorch's own 1×1×1 convolution
+instead of the channels-last matrix product of models/pointwise.py.
+
+    python benchmarks/bench_model.py --patch 32 --base 8 --pools 3 --threads 1 --steps 15 --warmup 3 \
+        --configs universal-separable/fast-conv1x1 universal-separable/fast shared/fast-conv1x1 shared/fast
+                                                                       # the laptop demo's step
 """
 
 from __future__ import annotations
@@ -28,19 +33,21 @@ import subprocess
 import sys
 import time
 
-# name: (train_mode, module, channels_last, fused, keep freed memory in the heap)
-CONFIGS: dict[str, tuple[str, str | None, bool, bool, bool]] = {
-    "independent/plain": ("independent", None, False, False, False),
-    "independent/fused": ("independent", None, False, True, False),
-    "independent/fast": ("independent", None, True, True, True),
-    "shared/fast": ("shared", None, True, True, True),
-    "universal-series/fast": ("universal", "series_adapter", True, True, True),
-    "universal-parallel/fast": ("universal", "parallel_adapter", True, True, True),
-    "universal-separable/plain": ("universal", "separable_adapter", False, False, False),
-    "universal-separable/cl": ("universal", "separable_adapter", True, False, False),
-    "universal-separable/fused": ("universal", "separable_adapter", False, True, False),
-    "universal-separable/cl+fused": ("universal", "separable_adapter", True, True, False),
-    "universal-separable/fast": ("universal", "separable_adapter", True, True, True),
+# name: (train_mode, module, channels_last, fused, keep freed memory in the heap, 1×1×1 convs as matmuls)
+CONFIGS: dict[str, tuple[str, str | None, bool, bool, bool, bool]] = {
+    "independent/plain": ("independent", None, False, False, False, False),
+    "independent/fused": ("independent", None, False, True, False, True),
+    "independent/fast": ("independent", None, True, True, True, True),
+    "shared/fast-conv1x1": ("shared", None, True, True, True, False),
+    "shared/fast": ("shared", None, True, True, True, True),
+    "universal-series/fast": ("universal", "series_adapter", True, True, True, True),
+    "universal-parallel/fast": ("universal", "parallel_adapter", True, True, True, True),
+    "universal-separable/plain": ("universal", "separable_adapter", False, False, False, False),
+    "universal-separable/cl": ("universal", "separable_adapter", True, False, False, False),
+    "universal-separable/fused": ("universal", "separable_adapter", False, True, False, True),
+    "universal-separable/cl+fused": ("universal", "separable_adapter", True, True, False, True),
+    "universal-separable/fast-conv1x1": ("universal", "separable_adapter", True, True, True, False),
+    "universal-separable/fast": ("universal", "separable_adapter", True, True, True, True),
 }
 
 
@@ -52,6 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.preset_tasks import FIVE_CLASSES, FIVE_MODALITIES  # noqa: E402
 from models import build_model, count_parameters  # noqa: E402
+from models.pointwise import PointwiseConv3d  # noqa: E402
 from models.runtime import keep_freed_memory_in_heap  # noqa: E402
 from utils.io_utils import atomic_write_json  # noqa: E402
 
@@ -65,17 +73,26 @@ def run_one(
     device: str,
     base: int,
     amp: bool,
+    pools: int = 5,
+    threads: int | None = None,
 ) -> dict:
     """Measure one configuration in this process; returns a JSON-able dict."""
-    mode, module, channels_last, fused, heap = CONFIGS[name]
+    mode, module, channels_last, fused, heap, pointwise_matmul = CONFIGS[name]
+    if threads:
+        torch.set_num_threads(threads)
     if heap and device == "cpu":
         keep_freed_memory_in_heap()
     torch.manual_seed(1)
     if mode == "independent":
-        model = build_model(mode, [1], [2], base_channels=base)
+        model = build_model(mode, [1], [2], base_channels=base, pools_per_axis=pools)
     else:
-        model = build_model(mode, FIVE_MODALITIES, FIVE_CLASSES, module=module, base_channels=base)
+        model = build_model(
+            mode, FIVE_MODALITIES, FIVE_CLASSES, module=module, base_channels=base, pools_per_axis=pools
+        )
     model.set_fused_ops(fused)
+    for m in model.modules():
+        if isinstance(m, PointwiseConv3d):  # "-conv1x1": PyTorch's own 1×1×1 convolution
+            m.use_fused = fused and pointwise_matmul
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=fmt)  # type: ignore[call-overload]  # torch's Module.to stubs lack memory_format
     x = torch.randn(batch, 1, *patch, device=device).contiguous(memory_format=fmt)
@@ -87,7 +104,10 @@ def run_one(
     # The model's FLOPs are its convolutions'. The fused norms compute their statistics with small
     # matrix products (models/fused.py), which the counter would add; they are reported apart.
     op_counts = counter.get_flop_counts().get("Global", {})
-    fwd_flops = sum(n for op, n in op_counts.items() if "convolution" in str(op))
+    # 1×1×1 convolutions run as F.linear on channels-last inputs (models/pointwise.py): addmm / mm
+    fwd_flops = sum(
+        n for op, n in op_counts.items() if any(k in str(op) for k in ("convolution", "addmm", "aten.mm"))
+    )
     stats_flops = counter.get_total_flops() - fwd_flops
 
     def step() -> None:
@@ -135,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--base", type=int, default=16, help="base channels (16 = paper preset)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    p.add_argument("--pools", type=int, default=5, help="stride-2 poolings per axis (5 = paper preset)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads per configuration (default: torch's)"
+    )
     p.add_argument(
         "--configs",
         nargs="+",
@@ -154,13 +178,22 @@ def main(argv: list[str] | None = None) -> int:
         print(
             json.dumps(
                 run_one(
-                    args._worker, patch, args.batch, args.steps, args.warmup, args.device, args.base, args.amp
+                    args._worker,
+                    patch,
+                    args.batch,
+                    args.steps,
+                    args.warmup,
+                    args.device,
+                    args.base,
+                    args.amp,
+                    pools=args.pools,
+                    threads=args.threads,
                 )
             )
         )
         return 0
 
-    threads = torch.get_num_threads()
+    threads = args.threads or torch.get_num_threads()
     print(
         f"patch {patch}, batch {args.batch}, base {args.base}, device {args.device}"
         f"{' (amp bf16)' if args.amp else ''}, torch {torch.__version__}, {threads} CPU threads, "
@@ -171,24 +204,30 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for name in args.configs:
-        cmd = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--_worker",
-            name,
-            "--patch",
-            *map(str, patch),
-            "--batch",
-            str(args.batch),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--device",
-            args.device,
-            "--base",
-            str(args.base),
-        ] + (["--amp"] if args.amp else [])
+        cmd = (
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--_worker",
+                name,
+                "--patch",
+                *map(str, patch),
+                "--batch",
+                str(args.batch),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--device",
+                args.device,
+                "--base",
+                str(args.base),
+                "--pools",
+                str(args.pools),
+            ]
+            + (["--amp"] if args.amp else [])
+            + (["--threads", str(args.threads)] if args.threads else [])
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(

@@ -10,6 +10,7 @@ from torch import nn
 
 from models.conv_units import NEGATIVE_SLOPE, ConvUnit, UnitFactory, UnitParts, leaky_relu
 from models.norms import TaskModuleList, TaskNorm, norm_act
+from models.pointwise import PointwiseConv3d
 from utils.triples import int3
 
 
@@ -143,7 +144,7 @@ class ClassHeads(nn.Module):
         self.heads = TaskModuleList(lambda t: self._head(num_classes[t]), len(num_classes))
 
     def _head(self, classes: int) -> nn.Module:
-        conv = nn.Conv3d(self.in_channels, classes, 1)
+        conv = PointwiseConv3d(self.in_channels, classes)
         return ConvNorm(conv) if self.with_norm_act else conv
 
     def add_task(self, classes: int) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from models.depthwise import DepthwiseConv3d
 from models.norms import TaskModuleList, TaskNorm, norm_act
+from models.pointwise import PointwiseConv3d
 
 NEGATIVE_SLOPE = 0.01
 
@@ -33,7 +34,9 @@ def leaky_relu(x: torch.Tensor) -> torch.Tensor:
 
 
 def conv3d(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> nn.Conv3d:
-    """A stride-1 k×k×k convolution with "same" padding."""
+    """A stride-1 k×k×k convolution with "same" padding (k = 1: :class:`PointwiseConv3d`)."""
+    if kernel_size == 1:
+        return PointwiseConv3d(in_channels, out_channels, bias=bias)
     return nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
 
 

@@ -181,3 +181,71 @@ def test_depthwise_conv3d_float32_matches_plain(
         _close(torch.testing.assert_close, bf.grad, bd.grad, **tol)
     else:
         assert bf.grad is None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_matmul_path_matches_conv3d(bias: bool) -> None:
+    """The channels-last matrix-product path of PointwiseConv3d computes nn.Conv3d's 1×1×1 convolution
+    (float64 reference), its gradients too, and returns a channels-last output."""
+    from models.pointwise import PointwiseConv3d
+
+    torch.manual_seed(0)
+    pw = PointwiseConv3d(6, 5, bias=bias).to(memory_format=CL)
+    ref = torch.nn.Conv3d(6, 5, 1, bias=bias).double()
+    ref.load_state_dict({k: v.double() for k, v in pw.state_dict().items()})
+    x = torch.randn(2, 6, 5, 6, 7).contiguous(memory_format=CL).requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    y, y64 = pw(x), ref(x64)
+    assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y64)
+    y.backward(g.float())
+    y64.backward(g)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pw.weight.grad.double(), ref.weight.grad, rtol=1e-5, atol=1e-4)
+    # the switch and a contiguous input take nn.Conv3d's own path
+    with torch.no_grad():
+        pw.use_fused = False
+        torch.testing.assert_close(pw(x), F.conv3d(x, pw.weight, pw.bias), rtol=0, atol=0)
+        pw.use_fused = True
+        xc = x.contiguous()
+        torch.testing.assert_close(pw(xc), F.conv3d(xc, pw.weight, pw.bias), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["universal", "shared"])
+def test_channels_last_model_keeps_the_layout_through_every_unit(mode: str) -> None:
+    """In a channels-last model every depthwise / norm input stays channels-last: a layer that returns a
+    contiguous tensor (PyTorch's own 1×1×1 convolution did) sends the layers after it onto slow
+    mixed-layout paths and copies (docs/performance.md, "Pointwise convolutions")."""
+    from models.norms import TaskNorm
+    from models.unet import build_model
+
+    kw = {"module": "separable_adapter"} if mode == "universal" else {}
+    model = build_model(mode, [1, 1], [3, 2], base_channels=4, pools_per_axis=(2, 2, 2), **kw)
+    model.to(memory_format=CL)
+    seen: list[str] = []
+
+    def check(name: str):
+        def hook(_m: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0]
+            if x.dim() == 5 and x.shape[1] > 1:
+                seen.append(name)
+                assert x.is_contiguous(memory_format=CL), f"{name} got a {x.stride()} input"
+
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, TaskNorm) or type(m).__name__ == "DepthwiseConv3d":
+            m.register_forward_pre_hook(check(name))
+    x = torch.randn(2, 1, 16, 16, 16).contiguous(memory_format=CL)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(
+        1
+    )  # the training processes' setting (the layout of PyTorch's 1×1×1 conv depends on it)
+    try:
+        out = model(x, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) > 10
+    logits = out[0] if isinstance(out, (list, tuple)) else out
+    assert logits.is_contiguous(memory_format=CL)
