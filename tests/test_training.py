@@ -17,7 +17,7 @@ from tests.synthetic import make_synthetic_task, write_folds
 from training.cli import build_parser, config_from_args, main, predict_run, prepare_runs
 from training.config import TrainConfig, flag_fields
 from training.loop import fit
-from training.optim import PlateauHalving, make_optimizer
+from training.optim import PlateauHalving, anneal_factor, make_optimizer
 from training.state import LATEST, numbered_name
 from training.step import task_for_step
 from training.validation import run_inference_settings
@@ -221,6 +221,45 @@ def test_lr_stop_order_checkpoints_and_resume(order: str, data: Path, tmp_path: 
     assert resumed == ({4: full[4]} if order == "original" else {})
     (done,) = prepare_runs(cfg, "latest")  # a finished run has nothing left to train
     assert _losses(done) == {}
+
+
+def test_anneal_factor_curve() -> None:
+    assert [anneal_factor(k, 10, 0.0) for k in range(10)] == [1.0] * 10  # off: the preset
+    f = [anneal_factor(k, 10, 0.5) for k in range(10)]
+    assert f[:5] == [1.0] * 5  # the first half at the rule's rate
+    assert all(a > b for a, b in zip(f[4:], f[5:], strict=False))  # then strictly falling
+    assert 0.0 < f[-1] < 0.1  # the last step still trains, at a small rate
+    assert anneal_factor(7, 10, 0.5) == pytest.approx(0.5 * (1 + np.cos(np.pi * 3 / 6)))
+    with pytest.raises(ValueError, match="fraction"):
+        anneal_factor(0, 10, 1.5)
+    with pytest.raises(ValueError, match="lr_anneal"):
+        TrainConfig(mode="independent", tasks=[A], lr_anneal=-0.1)
+
+
+def test_lr_anneal_sets_each_steps_rate_and_resumes_on_the_curve(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--lr_anneal 0.75 over 2 x 2 steps: step 1 at the full rate, steps 2-4 on the cosine; a run
+    resumed after epoch 1 trains steps 3-4 at the same rates as the uninterrupted run."""
+    import training.loop as loop
+
+    rates: list[float] = []
+    real = loop.train_step
+
+    def spy(model, optimizer, *args, **kw):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return real(model, optimizer, *args, **kw)
+
+    monkeypatch.setattr(loop, "train_step", spy)
+    cfg = _config(data, tmp_path, "independent", [A], lr=1e-3, lr_anneal=0.75, log_images_every=0)
+    (prep,) = prepare_runs(cfg)
+    _losses(prep)
+    want = [1e-3 * anneal_factor(k, 4, 0.75) for k in range(4)]
+    assert rates == pytest.approx(want) and rates[0] == 1e-3 and rates[1] < 1e-3
+    rates.clear()
+    (again,) = prepare_runs(cfg, str(prep.run_dir), resume_epoch=1)
+    _losses(again)
+    assert rates == pytest.approx(want[2:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -225,6 +225,15 @@ class TrainConfig:
         SCHEDULE,
         choices=LR_STOP_ORDERS,
     )
+    lr_anneal: float = _opt(
+        0.0,
+        "fraction of the run's steps (max_epoch x steps_per_epoch) at its end over which the LR falls to 0 along a "
+        "half cosine, on top of the plateau rule (0: off, the preset; short runs such as the demo end more "
+        "reliably with it: docs/training.md)",
+        SCHEDULE,
+        type=float,
+        metavar="FRACTION",
+    )
     skip_nonfinite: int = _opt(
         0,
         "skip up to N optimisation steps whose loss is NaN/Inf (not applied, each logged; counted over the "
@@ -438,6 +447,8 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.lr_anneal <= 1.0:
+            raise ValueError(f"lr_anneal must be a fraction in [0, 1], got {self.lr_anneal}")
         if self.max_epoch < 0 or self.steps_per_epoch < 1:
             raise ValueError("max_epoch must be >= 0 and steps_per_epoch >= 1")
         if self.save_every < 1:

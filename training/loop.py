@@ -24,7 +24,7 @@ from training.config import PRESET_SHARED_BATCH, TrainConfig
 from training.data import TaskData, make_epoch_loader, scan_cases
 from training.distributed import DistContext, GlobalBatchLoss, GradientSync
 from training.losses import SegmentationLoss
-from training.optim import PlateauHalving, make_optimizer, set_lr
+from training.optim import PlateauHalving, anneal_factor, make_optimizer, set_lr
 from training.run_log import RunLog, SilentLog
 from training.setup import ModelSetup
 from training.state import (
@@ -362,10 +362,18 @@ def _epochs(
             leave=False,
             dynamic_ncols=True,
         )
+        lr_now = lr_rule.lr
         try:
-            for _ in range(config.steps_per_epoch):
+            for i in range(config.steps_per_epoch):
                 step = state.step + 1
                 t = task_for_step(step, trained)
+                lr_now = lr_rule.lr
+                if config.lr_anneal > 0:
+                    run_steps = config.max_epoch * config.steps_per_epoch
+                    lr_now *= anneal_factor(
+                        (epoch - 1) * config.steps_per_epoch + i, run_steps, config.lr_anneal
+                    )
+                    set_lr(optimizer, lr_now)
                 tw = time.perf_counter()
                 batch = next(loaders[t])
                 wait += time.perf_counter() - tw
@@ -395,7 +403,7 @@ def _epochs(
                 counts[t] += 1
                 log.scalar("loss/step", res.loss, step)
                 log.scalar(f"loss/step_{names[t]}", res.loss, step)
-                log.scalar("lr", lr_rule.lr, step)
+                log.scalar("lr", lr_now, step)
                 if want_img and res.logits is not None:
                     z = res.logits.shape[2] // 2
                     log.slices(
@@ -437,10 +445,11 @@ def _epochs(
         for name, v in per_task.items():
             log.scalar(f"loss/epoch_{name}", v, state.step)
         train_time = time.perf_counter() - t0
+        anneal_note = f" (annealed, last step {lr_now:.3g})" if config.lr_anneal > 0 and n else ""
         log.info(
             f"epoch {epoch}: loss {epoch_loss:.4f} ("
             + ", ".join(f"{k} {v:.4f}" for k, v in per_task.items())
-            + f"), lr {lr_used:.3g}{lr_note}, "
+            + f"), lr {lr_used:.3g}{lr_note}{anneal_note}, "
             f"{train_time:.1f}s ({100 * wait / max(train_time, 1e-9):.0f}% waiting for data; "
             f"augmentation redrawn {redrawn}x, {plain_crops} plain crop(s))"
         )

@@ -1,7 +1,9 @@
-"""Optimiser factory and the plateau learning-rate rule of the paper preset (docs/paper_preset.md, "Training")."""
+"""Optimiser factory, the plateau learning-rate rule of the paper preset (docs/paper_preset.md, "Training")
+and the optional final cosine anneal (``--lr_anneal``)."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -28,6 +30,25 @@ def make_optimizer(
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def anneal_factor(step_index: int, total_steps: int, fraction: float) -> float:
+    """Multiplier of the learning rate for step ``step_index`` (0-based) of a ``total_steps`` run.
+
+    1 until the last ``fraction`` of the run, then a half cosine towards 0 (the run's last step still
+    trains at a small positive rate). ``fraction`` 0 gives 1 everywhere (the preset). A pure function
+    of the step, so a resumed run continues the same curve.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"anneal fraction must be in [0, 1], got {fraction}")
+    if fraction == 0.0 or total_steps <= 0:
+        return 1.0
+    span = fraction * total_steps
+    start = total_steps - span
+    if step_index < start:
+        return 1.0
+    progress = min((step_index - start + 1) / (span + 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class PlateauHalving:
