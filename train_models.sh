@@ -4,7 +4,7 @@
 #   bash train_models.sh            the paper's experiment list on dataset/ (GPU-sized, days of training):
 #                                   independent model per task, shared model, universal model, and the
 #                                   shared and universal models adapted to Task09_Spleen
-#   bash train_models.sh --demo     laptop demo on generated data: about 6 minutes on 2 CPU cores
+#   bash train_models.sh --demo     laptop demo on generated data: about 6.5 minutes on 2 CPU cores
 #                                   (--demo --seed N: another seed for the data and the training runs)
 #   bash train_models.sh --dry_run  print the paper list's commands without running them
 #   bash train_models.sh --gpus N   the paper list, every training run data parallel under torchrun with N
@@ -106,31 +106,34 @@ demo() {
     rm -rf "$DEMO_RES" "$DEMO_PREP"
     mkdir -p "$logs"
     stamp() { printf '[demo %3ds] %s\n' "$((SECONDS - t0))" "$*"; }
-    # every run: small model (base 8), 32³ model patch, 3 pools, batch 2, lr 3e-3, one validation at the end
+    # every run: small model (base 8), 32³ model patch, 3 pools, batch 2, lr 3e-3, augmentation and resize
+    # to the model patch as one interpolation (the two-step pipeline's data loading was a fifth of a step
+    # with both lanes running), one validation at the end
     local common=(--prep_dir "$DEMO_PREP" --results_dir "$DEMO_RES"
         --dataset_dir "$DEMO_DATA" --base_outChans 8 --batch_size 2 --lr "${DEMO_LR:-3e-3}" --val_every 0 --save_every 1000
-        --num_workers 0 --threads 1 --device cpu --log_images_every 200 --no_progress)
+        --num_workers 0 --threads 1 --device cpu --log_images_every 200 --no_progress
+        --augment_pipeline "${DEMO_AUGMENT_PIPELINE:-composed}")
     if [[ -n "$seed" ]]; then common+=(--seed "$seed" --torch_seed "$seed"); fi
     # extra flags for every training run / every predict.py call (e.g. DEMO_TRAIN_ARGS="--grad_none")
     read -r -a extra_train <<< "${DEMO_TRAIN_ARGS:-}"
     read -r -a extra_predict <<< "${DEMO_PREDICT_ARGS:-}"
     common+=("${extra_train[@]}")
-    # the schedule (docs/training.md, "Laptop demo"): steps per task, 139 universal, 100 independent,
+    # the schedule (docs/training.md, "Laptop demo"): steps per task, 128 universal, 100 independent,
     # 60 shared; the new domain 40 when the trained model is extended (17k parameters train, warm
-    # started from the liver domain), 256 when adapted as the original code did (93k parameters train,
+    # started from the liver domain), 288 when adapted as the original code did (93k parameters train,
     # the downsampling path from scratch); the liver domain's grown label set (+ tumour) 220
     local multi=(--model_patch 32 32 32 --pools 3 3 3 --max_epoch "${DEMO_EPOCHS_MULTI:-4}"
         --steps_per_epoch "${DEMO_STEPS_MULTI:-120}")
-    local universal=(--steps_per_epoch "${DEMO_STEPS_UNIVERSAL:-104}")
+    local universal=(--steps_per_epoch "${DEMO_STEPS_UNIVERSAL:-96}")
     local shared=(--max_epoch "${DEMO_EPOCHS_SHARED:-2}" --steps_per_epoch "${DEMO_STEPS_SHARED:-90}")
     local indep=(--patch_size 32 32 32 --max_epoch "${DEMO_EPOCHS_INDEP:-2}" --steps_per_epoch "${DEMO_STEPS_INDEP:-50}")
     local adapt=(--max_epoch "${DEMO_EPOCHS_ADAPT:-2}" --steps_per_epoch "${DEMO_STEPS_ADAPT:-20}")
-    local adapt_original=(--max_epoch "${DEMO_EPOCHS_ADAPT:-2}" --steps_per_epoch "${DEMO_STEPS_ADAPT_ORIGINAL:-128}")
+    local adapt_original=(--max_epoch "${DEMO_EPOCHS_ADAPT:-2}" --steps_per_epoch "${DEMO_STEPS_ADAPT_ORIGINAL:-144}")
     local more_classes=(--max_epoch "${DEMO_EPOCHS_NEW_CLASSES:-4}" --steps_per_epoch "${DEMO_STEPS_NEW_CLASSES:-55}")
 
     stamp "generating demo tasks into $DEMO_DATA/"
     rm -rf "$DEMO_DATA"
-    "$PY" -m demo.data --out "$DEMO_DATA" --n_train 12 --n_test 3 --size "${DEMO_SIZE:-40}" --seed "${seed:-0}" \
+    "$PY" -m demo.data --out "$DEMO_DATA" --n_train 12 --n_test "${DEMO_N_TEST:-5}" --size "${DEMO_SIZE:-40}" --seed "${seed:-0}" \
         --tasks $DEMO_TASKS "$DEMO_NEW" "$DEMO_MORE_CLASSES"
     stamp "data_explore.py"
     "$PY" data_explore.py --dataset_dir "$DEMO_DATA" --out_dir "$DEMO_RES/data_explore" --no_progress > "$logs/data_explore.log"
@@ -149,15 +152,15 @@ demo() {
     done
 
     # two lanes of training processes (one thread each) keep the 2 cores busy:
-    #   lane 1: independent models -> shared model -> (once the universal model is trained) the universal
-    #           model adapted to the new domain as the original code did
-    #   lane 2: universal model -> universal model extended to the new domain -> the universal model's
-    #           liver domain with a grown label set (+ tumour)
+    #   lane 1: independent models -> shared model -> (once the universal model is trained) its liver
+    #           domain with a grown label set (+ tumour)
+    #   lane 2: universal model -> universal model extended to the new domain -> the universal model
+    #           adapted to the new domain as the original code did
     local uni="$DEMO_RES/res_u2net3d_universal_demo/${DEMO_TASKS// /_}"
     stamp "lane 1: independent models ($logs/independent.log), shared model ($logs/shared.log), then the universal" \
-        "model adapted to $DEMO_NEW as the original code did ($logs/universal_adapted_original.log)"
+        "model's $DEMO_GROWN grown to the classes of $DEMO_MORE_CLASSES ($logs/universal_new_classes.log)"
     stamp "lane 2: universal model ($logs/universal.log), extended to $DEMO_NEW ($logs/universal_adapted.log), then" \
-        "its $DEMO_GROWN grown to the classes of $DEMO_MORE_CLASSES ($logs/universal_new_classes.log)"
+        "adapted to $DEMO_NEW as the original code did ($logs/universal_adapted_original.log)"
     (
         "$PY" train_model_no_adapters.py --trainMode independent --out_tag demo --tasks $DEMO_TASKS "${common[@]}" \
             "${indep[@]}" > "$logs/independent.log" 2>&1 || { tail -20 "$logs/independent.log"; exit 1; }
@@ -167,10 +170,10 @@ demo() {
             [[ -f "$logs/universal.failed" ]] && exit 1
             sleep 1
         done
-        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted_original \
-            --adapt_scope original_code --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
-            "${adapt_original[@]}" > "$logs/universal_adapted_original.log" 2>&1 \
-            || { tail -20 "$logs/universal_adapted_original.log"; exit 1; }
+        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_new_classes \
+            --tasks "$DEMO_MORE_CLASSES" --add_classes_to "$DEMO_GROWN" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
+            "${more_classes[@]}" > "$logs/universal_new_classes.log" 2>&1 \
+            || { tail -20 "$logs/universal_new_classes.log"; exit 1; }
     ) &
     local lane1=$!
     (
@@ -181,10 +184,10 @@ demo() {
         "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted \
             --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" "${adapt[@]}" \
             > "$logs/universal_adapted.log" 2>&1 || { tail -20 "$logs/universal_adapted.log"; exit 1; }
-        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_new_classes \
-            --tasks "$DEMO_MORE_CLASSES" --add_classes_to "$DEMO_GROWN" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
-            "${more_classes[@]}" > "$logs/universal_new_classes.log" 2>&1 \
-            || { tail -20 "$logs/universal_new_classes.log"; exit 1; }
+        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted_original \
+            --adapt_scope original_code --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
+            "${adapt_original[@]}" > "$logs/universal_adapted_original.log" 2>&1 \
+            || { tail -20 "$logs/universal_adapted_original.log"; exit 1; }
     ) &
     local lane2=$!
     wait $lane1 || exit 1
@@ -200,7 +203,8 @@ demo() {
             "$PY" -m models.export --ckp "$uni/checkpoints/best.pt" --task "$hippo" --format "${fmt%%:*}" \
                 --out "$DEMO_RES/export/$hippo.${fmt##*:}" >> "$logs/export.log" 2>&1 || { tail -20 "$logs/export.log"; exit 1; }
             "$PY" predict.py --model "$DEMO_RES/export/$hippo.${fmt##*:}" --input "$DEMO_DATA/$hippo/imagesTs" \
-                --output "$DEMO_RES/predictions/exported_${fmt%%:*}/$hippo" --no_progress >> "$logs/export.log" 2>&1 \
+                --output "$DEMO_RES/predictions/exported_${fmt%%:*}/$hippo" --no_progress --sequential \
+                >> "$logs/export.log" 2>&1 \
                 || { tail -20 "$logs/export.log"; exit 1; }
         done
     ) &
@@ -218,7 +222,8 @@ demo() {
     jobs+=("universal_new_classes $DEMO_RES/res_u2net3d_universal_demo_new_classes/$DEMO_MORE_CLASSES $DEMO_MORE_CLASSES")
     : > "$logs/predict.log"
     # two lanes, each ONE Python process that runs predict.py's main for its jobs in turn (one interpreter
-    # start per lane instead of per job)
+    # start per lane instead of per job); --sequential: the two lanes already keep both cores busy, reader /
+    # writer threads would only compete with them
     local lane lane_pids=()
     for lane in 0 1; do
         local i=0 mine=()
@@ -237,7 +242,8 @@ status = 0
 for job in jobs:
     mode, run, task = job.split()
     argv = ["--ckp", f"{run}/checkpoints/best.pt", "--task", task, "--input", f"{data}/{task}/imagesTs"]
-    status = max(status, predict.main([*argv, "--output", f"{res}/predictions/{mode}/{task}", "--no_progress", *extra]))
+    out = f"{res}/predictions/{mode}/{task}"
+    status = max(status, predict.main([*argv, "--output", out, "--no_progress", "--sequential", *extra]))
 sys.exit(status)
 PY
         lane_pids+=($!)
