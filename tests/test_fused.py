@@ -216,7 +216,7 @@ def test_pointwise_conv_matmul_path_matches_conv3d(bias: bool) -> None:
 def test_channels_last_model_keeps_the_layout_through_every_unit(mode: str) -> None:
     """In a channels-last model every depthwise / norm input stays channels-last: a layer that returns a
     contiguous tensor (PyTorch's own 1×1×1 convolution did) sends the layers after it onto slow
-    mixed-layout paths and copies (docs/performance.md, "Pointwise convolutions")."""
+    mixed-layout paths and copies (docs/performance.md, "What made the separable model fast on CPU", item 5)."""
     from models.norms import TaskNorm
     from models.unet import build_model
 
