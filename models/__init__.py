@@ -1,6 +1,6 @@
 """The 3D U²-Net and its parts. Start with :func:`build_model`.
 
-One module per building-block family (``conv_units``, ``blocks``, ``norms``, ``depthwise``,
+One module per building-block family (``conv_units``, ``blocks``, ``norms``, ``depthwise``, ``pointwise``,
 ``fused``; ``triton_depthwise``: Triton kernels of the depthwise convolution, ``triton`` optional and
 imported only there), the network (``unet``), the shared / per-task parameter split (``params``), parameter
 reports (``report``, ``python -m models``), building a model from a checkpoint (``loading``),
