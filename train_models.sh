@@ -13,7 +13,8 @@
 # Environment: PYTHON (default: the first of python, python3, .venv/bin/python that has the
 # requirements), TAG (paper list: output folder tag, default "paper"), DEVICE (paper list: default
 # cuda); demo: DEMO_SEED (as --seed), DEMO_TRAIN_ARGS / DEMO_PREDICT_ARGS (extra flags for every
-# training run / predict.py call, e.g. DEMO_TRAIN_ARGS="--grad_none"); with --gpus: TORCHRUN_ARGS (torchrun's
+# training run / predict.py call, e.g. DEMO_TRAIN_ARGS="--grad_none"), DEMO_LANE_FORK=0 (each job of a
+# lane its own interpreter); with --gpus: TORCHRUN_ARGS (torchrun's
 # arguments besides --nproc_per_node, default --standalone; for several nodes e.g. "--nnodes 2
 # --rdzv_backend c10d --rdzv_endpoint HOST:29400 --rdzv_id JOB", the same on every node). See docs/training.md.
 set -euo pipefail
@@ -97,7 +98,8 @@ demo() {
             *) echo "unknown demo option $1 (use --seed N)" >&2; exit 2 ;;
         esac
     done
-    local t0=$SECONDS
+    local t0=$SECONDS t0_epoch
+    t0_epoch=$(date +%s)
     local logs="$DEMO_RES/logs"
     # two single-threaded processes at a time use 2 cores best (small tensors scale badly over threads)
     export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
@@ -118,23 +120,29 @@ demo() {
     read -r -a extra_train <<< "${DEMO_TRAIN_ARGS:-}"
     read -r -a extra_predict <<< "${DEMO_PREDICT_ARGS:-}"
     common+=("${extra_train[@]}")
-    # the schedule (docs/training.md, "Laptop demo"): steps per task, 128 universal, 100 independent,
+    # the schedule (docs/training.md, "Laptop demo"): steps per task, 147 universal, 80 independent,
     # 60 shared; the new domain 40 when the trained model is extended (17k parameters train, warm
-    # started from the liver domain), 288 when adapted as the original code did (93k parameters train,
-    # the downsampling path from scratch); the liver domain's grown label set (+ tumour) 220
+    # started from the liver domain), 288 at lr 6e-3 when adapted as the original code did (93k
+    # parameters train, the downsampling path from scratch: at 3e-3 it stalled on some seeds); the liver
+    # domain's grown label set (+ tumour) 220
     local multi=(--model_patch 32 32 32 --pools 3 3 3 --max_epoch "${DEMO_EPOCHS_MULTI:-4}"
         --steps_per_epoch "${DEMO_STEPS_MULTI:-120}")
-    local universal=(--steps_per_epoch "${DEMO_STEPS_UNIVERSAL:-96}")
+    local universal=(--steps_per_epoch "${DEMO_STEPS_UNIVERSAL:-110}")
     local shared=(--max_epoch "${DEMO_EPOCHS_SHARED:-2}" --steps_per_epoch "${DEMO_STEPS_SHARED:-90}")
-    local indep=(--patch_size 32 32 32 --max_epoch "${DEMO_EPOCHS_INDEP:-2}" --steps_per_epoch "${DEMO_STEPS_INDEP:-50}")
+    local indep=(--patch_size 32 32 32 --max_epoch "${DEMO_EPOCHS_INDEP:-2}" --steps_per_epoch "${DEMO_STEPS_INDEP:-40}")
     local adapt=(--max_epoch "${DEMO_EPOCHS_ADAPT:-2}" --steps_per_epoch "${DEMO_STEPS_ADAPT:-20}")
-    local adapt_original=(--max_epoch "${DEMO_EPOCHS_ADAPT:-2}" --steps_per_epoch "${DEMO_STEPS_ADAPT_ORIGINAL:-144}")
+    local adapt_original=(--max_epoch "${DEMO_EPOCHS_ADAPT:-2}" --steps_per_epoch "${DEMO_STEPS_ADAPT_ORIGINAL:-144}"
+        --lr "${DEMO_LR_ADAPT_ORIGINAL:-6e-3}")
     local more_classes=(--max_epoch "${DEMO_EPOCHS_NEW_CLASSES:-4}" --steps_per_epoch "${DEMO_STEPS_NEW_CLASSES:-55}")
 
     stamp "generating demo tasks into $DEMO_DATA/"
     rm -rf "$DEMO_DATA"
-    "$PY" -m demo.data --out "$DEMO_DATA" --n_train 12 --n_test "${DEMO_N_TEST:-5}" --size "${DEMO_SIZE:-40}" --seed "${seed:-0}" \
-        --tasks $DEMO_TASKS "$DEMO_NEW" "$DEMO_MORE_CLASSES"
+    # two generators at once, each writing some of the tasks (every case has its own seed: the same files)
+    local gen=(--out "$DEMO_DATA" --n_train 12 --n_test "${DEMO_N_TEST:-5}" --size "${DEMO_SIZE:-40}" --seed "${seed:-0}")
+    "$PY" -m demo.data "${gen[@]}" --tasks Task91_DemoLiverCT "$DEMO_MORE_CLASSES" &
+    local gen_other=$!
+    "$PY" -m demo.data "${gen[@]}" --tasks Task92_DemoHippoMR Task93_DemoProstateMR "$DEMO_NEW"
+    wait $gen_other
     stamp "data_explore.py"
     "$PY" data_explore.py --dataset_dir "$DEMO_DATA" --out_dir "$DEMO_RES/data_explore" --no_progress > "$logs/data_explore.log"
     stamp "preprocess_taskSep.py -> $DEMO_PREP/"
@@ -142,147 +150,120 @@ demo() {
         > "$logs/preprocess.log"
 
     # one domain of the universal model exported on its own (TorchScript, and ONNX where onnx and
-    # onnxruntime are installed) segments the test images (in lane 2, once the universal model is trained):
+    # onnxruntime are installed) segments the test images (at the end of lane 2):
     # report.html checks it gives the same labels
-    local hippo=Task92_DemoHippoMR fmt cmp=()
+    local uni="$DEMO_RES/res_u2net3d_universal_demo/${DEMO_TASKS// /_}"
+    local hippo=Task92_DemoHippoMR fmt cmp=() export_jobs=()
     local formats=(torchscript:pt)
     if "$PY" -c "import onnx, onnxruntime" > /dev/null 2>&1; then formats+=(onnx:onnx); fi
     for fmt in "${formats[@]}"; do
-        cmp+=(--export_file "$DEMO_RES/export/$hippo.${fmt##*:}" --compare "exported_${fmt%%:*}=universal")
+        local file="$DEMO_RES/export/$hippo.${fmt##*:}"
+        cmp+=(--export_file "$file" --compare "exported_${fmt%%:*}=universal")
+        export_jobs+=(--log "$logs/export.log" -m models.export --ckp "$uni/checkpoints/best.pt" --task "$hippo"
+            --format "${fmt%%:*}" --out "$file" :::
+            --log "$logs/export.log" predict.py --model "$file" --input "$DEMO_DATA/$hippo/imagesTs"
+            --output "$DEMO_RES/predictions/exported_${fmt%%:*}/$hippo" --no_progress --sequential :::)
     done
-
-    # two lanes of training processes (one thread each) keep the 2 cores busy:
-    #   lane 1: independent models -> shared model -> (once the universal model is trained) its liver
-    #           domain with a grown label set (+ tumour)
-    #   lane 2: universal model -> universal model extended to the new domain -> the universal model
-    #           adapted to the new domain as the original code did
-    local uni="$DEMO_RES/res_u2net3d_universal_demo/${DEMO_TASKS// /_}"
-    stamp "lane 1: independent models ($logs/independent.log), shared model ($logs/shared.log), then the universal" \
-        "model's $DEMO_GROWN grown to the classes of $DEMO_MORE_CLASSES ($logs/universal_new_classes.log)"
-    stamp "lane 2: universal model ($logs/universal.log), extended to $DEMO_NEW ($logs/universal_adapted.log), then" \
-        "adapted to $DEMO_NEW as the original code did ($logs/universal_adapted_original.log)"
-    (
-        "$PY" train_model_no_adapters.py --trainMode independent --out_tag demo --tasks $DEMO_TASKS "${common[@]}" \
-            "${indep[@]}" > "$logs/independent.log" 2>&1 || { tail -20 "$logs/independent.log"; exit 1; }
-        "$PY" train_model_no_adapters.py --trainMode shared --out_tag demo --tasks $DEMO_TASKS "${common[@]}" \
-            "${multi[@]}" "${shared[@]}" > "$logs/shared.log" 2>&1 || { tail -20 "$logs/shared.log"; exit 1; }
-        while [[ ! -f "$logs/universal.done" ]]; do
-            [[ -f "$logs/universal.failed" ]] && exit 1
-            sleep 1
+    # the test images segmented by every mode's model: "MODE RUN_FOLDER TASK" -> a predict.py job
+    # (--sequential: the two lanes already keep both cores busy, reader / writer threads would only
+    # compete with them)
+    add_predict_jobs() {  # appends the jobs to the array PREDICT_JOBS
+        local job mode run task
+        for job in "$@"; do
+            read -r mode run task <<< "$job"
+            PREDICT_JOBS+=(--log "$logs/predict.log" predict.py --ckp "$run/checkpoints/best.pt" --task "$task"
+                --input "$DEMO_DATA/$task/imagesTs" --output "$DEMO_RES/predictions/$mode/$task" --no_progress
+                --sequential "${extra_predict[@]}" :::)
         done
-        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_new_classes \
-            --tasks "$DEMO_MORE_CLASSES" --add_classes_to "$DEMO_GROWN" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
-            "${more_classes[@]}" > "$logs/universal_new_classes.log" 2>&1 \
-            || { tail -20 "$logs/universal_new_classes.log"; exit 1; }
-    ) &
+    }
+    local lane1_predict=() lane2_predict=() task
+    for task in $DEMO_TASKS; do
+        lane1_predict+=("independent $DEMO_RES/res_u2net3d_independent_demo/$task $task")
+        lane1_predict+=("shared $DEMO_RES/res_u2net3d_shared_demo/${DEMO_TASKS// /_} $task")
+        lane2_predict+=("universal $uni $task")
+    done
+    lane1_predict+=("universal_adapted $DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW $DEMO_NEW")
+    lane1_predict+=("universal_new_classes $DEMO_RES/res_u2net3d_universal_demo_new_classes/$DEMO_MORE_CLASSES $DEMO_MORE_CLASSES")
+    lane2_predict+=("universal_adapted_original $DEMO_RES/res_u2net3d_universal_demo_adapted_original/$DEMO_NEW $DEMO_NEW")
+    PREDICT_JOBS=()
+    add_predict_jobs "${lane1_predict[@]}"
+    local lane1_jobs=("${PREDICT_JOBS[@]}")
+    PREDICT_JOBS=()
+    add_predict_jobs "${lane2_predict[@]}"
+    local lane2_jobs=("${PREDICT_JOBS[@]}")
+    : > "$logs/predict.log"
+    : > "$logs/export.log"
+
+    # two lanes keep the 2 cores busy, each ONE Python process (python -m demo.lane) that runs its
+    # jobs in turn without a new interpreter start per job (5-8 s of imports each); each run's figures
+    # do not depend on its lane (single-threaded, seeded), only the lanes' balance does:
+    #   lane 1: independent models -> shared model -> (once the universal model is trained) the universal
+    #           model extended to the new domain -> its liver domain with a grown label set (+ tumour)
+    #           -> their test predictions
+    #   lane 2: universal model -> the universal model adapted to the new domain as the original code
+    #           did -> their test predictions -> one domain of the universal model exported, and the
+    #           test images segmented with the exported file
+    stamp "lane 1: independent models ($logs/independent.log), shared model ($logs/shared.log), then the universal" \
+        "model extended to $DEMO_NEW ($logs/universal_adapted.log) and its $DEMO_GROWN grown to the classes of" \
+        "$DEMO_MORE_CLASSES ($logs/universal_new_classes.log), then their test predictions ($logs/predict.log)"
+    stamp "lane 2: universal model ($logs/universal.log), adapted to $DEMO_NEW as the original code did" \
+        "($logs/universal_adapted_original.log), their test predictions ($logs/predict.log), then $hippo" \
+        "exported and segmented with the exported file ($logs/export.log)"
+    "$PY" -m demo.lane --times "$logs/lanes.tsv" \
+        --log "$logs/independent.log" train_model_no_adapters.py --trainMode independent --out_tag demo \
+            --tasks $DEMO_TASKS "${common[@]}" "${indep[@]}" ::: \
+        --log "$logs/shared.log" train_model_no_adapters.py --trainMode shared --out_tag demo --tasks $DEMO_TASKS \
+            "${common[@]}" "${multi[@]}" "${shared[@]}" ::: \
+        --after "$logs/universal.done" --log "$logs/universal_adapted.log" train_model_wt_adapters.py \
+            --trainMode universal --module separable_adapter --out_tag demo_adapted --tasks "$DEMO_NEW" \
+            --ckp "$uni/checkpoints/best.pt" "${common[@]}" "${adapt[@]}" ::: \
+        --log "$logs/universal_new_classes.log" train_model_wt_adapters.py --trainMode universal \
+            --module separable_adapter --out_tag demo_new_classes --tasks "$DEMO_MORE_CLASSES" \
+            --add_classes_to "$DEMO_GROWN" --ckp "$uni/checkpoints/best.pt" "${common[@]}" "${more_classes[@]}" ::: \
+        "${lane1_jobs[@]}" &
     local lane1=$!
-    (
-        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo \
-            --tasks $DEMO_TASKS "${common[@]}" "${multi[@]}" "${universal[@]}" > "$logs/universal.log" 2>&1 \
-            || { touch "$logs/universal.failed"; tail -20 "$logs/universal.log"; exit 1; }
-        touch "$logs/universal.done"
-        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted \
-            --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" "${adapt[@]}" \
-            > "$logs/universal_adapted.log" 2>&1 || { tail -20 "$logs/universal_adapted.log"; exit 1; }
-        "$PY" train_model_wt_adapters.py --trainMode universal --module separable_adapter --out_tag demo_adapted_original \
-            --adapt_scope original_code --tasks "$DEMO_NEW" --ckp "$uni/checkpoints/best.pt" "${common[@]}" \
-            "${adapt_original[@]}" > "$logs/universal_adapted_original.log" 2>&1 \
-            || { tail -20 "$logs/universal_adapted_original.log"; exit 1; }
-    ) &
+    "$PY" -m demo.lane --times "$logs/lanes.tsv" \
+        --done "$logs/universal.done" --log "$logs/universal.log" train_model_wt_adapters.py --trainMode universal \
+            --module separable_adapter --out_tag demo --tasks $DEMO_TASKS "${common[@]}" "${multi[@]}" \
+            "${universal[@]}" ::: \
+        --log "$logs/universal_adapted_original.log" train_model_wt_adapters.py --trainMode universal \
+            --module separable_adapter --out_tag demo_adapted_original --adapt_scope original_code --tasks "$DEMO_NEW" \
+            --ckp "$uni/checkpoints/best.pt" "${common[@]}" "${adapt_original[@]}" ::: \
+        "${lane2_jobs[@]}" "${export_jobs[@]}" &
     local lane2=$!
     wait $lane1 || exit 1
     wait $lane2 || exit 1
     rm -f "$logs/universal.done"
+    # when the last training run ended (the lanes' job times: start, end, status, command)
+    local trained
+    trained=$(awk -F '\t' -v t0="$t0_epoch" '$4 ~ /^train_model/ && $2 - t0 > m { m = $2 - t0 } END { printf "%d", m }' \
+        "$logs/lanes.tsv")
+    stamp "training finished at ${trained} s, test predictions at $((SECONDS - t0)) s"
 
-    # beside the predictions below: one domain of the universal model exported, and the test images
-    # segmented with the exported file
-    stamp "$hippo exported and segmented with the exported file ($logs/export.log)"
-    (
-        : > "$logs/export.log"
-        for fmt in "${formats[@]}"; do
-            "$PY" -m models.export --ckp "$uni/checkpoints/best.pt" --task "$hippo" --format "${fmt%%:*}" \
-                --out "$DEMO_RES/export/$hippo.${fmt##*:}" >> "$logs/export.log" 2>&1 || { tail -20 "$logs/export.log"; exit 1; }
-            "$PY" predict.py --model "$DEMO_RES/export/$hippo.${fmt##*:}" --input "$DEMO_DATA/$hippo/imagesTs" \
-                --output "$DEMO_RES/predictions/exported_${fmt%%:*}/$hippo" --no_progress --sequential \
-                >> "$logs/export.log" 2>&1 \
-                || { tail -20 "$logs/export.log"; exit 1; }
-        done
-    ) &
-    local export_job=$!
-
-    stamp "segmenting the test images with predict.py ($logs/predict.log)"
-    local jobs=()
-    for task in $DEMO_TASKS; do
-        jobs+=("independent $DEMO_RES/res_u2net3d_independent_demo/$task $task")
-        jobs+=("shared $DEMO_RES/res_u2net3d_shared_demo/${DEMO_TASKS// /_} $task")
-        jobs+=("universal $uni $task")
-    done
-    jobs+=("universal_adapted $DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW $DEMO_NEW")
-    jobs+=("universal_adapted_original $DEMO_RES/res_u2net3d_universal_demo_adapted_original/$DEMO_NEW $DEMO_NEW")
-    jobs+=("universal_new_classes $DEMO_RES/res_u2net3d_universal_demo_new_classes/$DEMO_MORE_CLASSES $DEMO_MORE_CLASSES")
-    : > "$logs/predict.log"
-    # two lanes, each ONE Python process that runs predict.py's main for its jobs in turn (one interpreter
-    # start per lane instead of per job); --sequential: the two lanes already keep both cores busy, reader /
-    # writer threads would only compete with them
-    local lane lane_pids=()
-    for lane in 0 1; do
-        local i=0 mine=()
-        for job in "${jobs[@]}"; do
-            if ((i % 2 == lane)); then mine+=("$job"); fi
-            i=$((i + 1))
-        done
-        "$PY" - "$DEMO_DATA" "$DEMO_RES" "${#extra_predict[@]}" "${extra_predict[@]}" "${mine[@]}" >> "$logs/predict.log" 2>&1 <<'PY' &
-import sys
-
-import predict
-
-data, res, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-extra, jobs = sys.argv[4 : 4 + n], sys.argv[4 + n :]
-status = 0
-for job in jobs:
-    mode, run, task = job.split()
-    argv = ["--ckp", f"{run}/checkpoints/best.pt", "--task", task, "--input", f"{data}/{task}/imagesTs"]
-    out = f"{res}/predictions/{mode}/{task}"
-    status = max(status, predict.main([*argv, "--output", out, "--no_progress", "--sequential", *extra]))
-sys.exit(status)
-PY
-        lane_pids+=($!)
-    done
-    for pid in "${lane_pids[@]}"; do
-        wait "$pid" || { tail -20 "$logs/predict.log"; exit 1; }
-    done
-    wait $export_job || exit 1
-
-    stamp "Dice on the test cases"
-    "$PY" -m demo.summary --dataset_dir "$DEMO_DATA" --results_dir "$DEMO_RES" \
-        --run independent="$DEMO_RES/res_u2net3d_independent_demo" \
-        --run shared="$DEMO_RES/res_u2net3d_shared_demo/${DEMO_TASKS// /_}" \
-        --run universal="$uni" \
-        --run universal_adapted="$DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW" \
-        --run universal_adapted_original="$DEMO_RES/res_u2net3d_universal_demo_adapted_original/$DEMO_NEW" \
-        --run universal_new_classes="$DEMO_RES/res_u2net3d_universal_demo_new_classes/$DEMO_MORE_CLASSES" --strict
-    stamp "summary: $DEMO_RES/summary.csv"
-
+    # the summary, then the report, in one warm Python process (one import of torch, SimpleITK, ...)
+    local runs=(independent="$DEMO_RES/res_u2net3d_independent_demo"
+        shared="$DEMO_RES/res_u2net3d_shared_demo/${DEMO_TASKS// /_}"
+        universal="$uni"
+        universal_adapted="$DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW"
+        universal_adapted_original="$DEMO_RES/res_u2net3d_universal_demo_adapted_original/$DEMO_NEW"
+        universal_new_classes="$DEMO_RES/res_u2net3d_universal_demo_new_classes/$DEMO_MORE_CLASSES")
     grep -m1 "^parameters" "$logs/export.log" || true
-    stamp "visual report: charts, training curves, test-case overlays ($logs/report.log)"
-    "$PY" -m reporting --results_dir "$DEMO_RES" --dataset_dir "$DEMO_DATA" \
-        --eval independent="$DEMO_RES/res_u2net3d_independent_demo" \
-        --eval shared="$DEMO_RES/res_u2net3d_shared_demo/${DEMO_TASKS// /_}" \
-        --eval universal="$uni" \
-        --eval universal_adapted="$DEMO_RES/res_u2net3d_universal_demo_adapted/$DEMO_NEW" \
-        --eval universal_adapted_original="$DEMO_RES/res_u2net3d_universal_demo_adapted_original/$DEMO_NEW" \
-        --eval universal_new_classes="$DEMO_RES/res_u2net3d_universal_demo_new_classes/$DEMO_MORE_CLASSES" \
-        "${cmp[@]}" --strict > "$logs/report.log" 2>&1 || { tail -20 "$logs/report.log"; exit 1; }
+    stamp "Dice on the test cases ($DEMO_RES/summary.csv), then the visual report: charts, training curves," \
+        "test-case overlays ($logs/report.log)"
+    "$PY" -m demo.lane --preload demo.summary,reporting.build \
+        -m demo.summary --dataset_dir "$DEMO_DATA" --results_dir "$DEMO_RES" "${runs[@]/#/--run=}" --strict ::: \
+        --log "$logs/report.log" -m reporting --results_dir "$DEMO_RES" --dataset_dir "$DEMO_DATA" \
+            "${runs[@]/#/--eval=}" "${cmp[@]}" --workers 2 --strict
     echo "report: $DEMO_RES/report.html"
     stamp "done in $((SECONDS - t0)) s"
-    echo "demo wall time: $((SECONDS - t0)) s (everything: data, training, predictions, summary, export, report)" \
-        > "$DEMO_RES/wall_time.txt"
+    echo "demo wall time: $((SECONDS - t0)) s (everything: data, training, predictions, summary, export, report);" \
+        "training finished at ${trained} s" > "$DEMO_RES/wall_time.txt"
 }
 
 case "${1:-}" in
     --demo) shift; demo "$@" ;;
     --dry_run) shift; paper echo "$@" ;;
     "" | --gpus) paper "" "$@" ;;
-    -h | --help) sed -n '2,18p' "$0" ;;
+    -h | --help) sed -n '2,19p' "$0" ;;
     *) echo "unknown option $1 (use --demo, --dry_run, --gpus N or nothing)" >&2; exit 2 ;;
 esac

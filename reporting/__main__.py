@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="where report.html goes (default: --results_dir, or the first --run)"
     )
     p.add_argument("--title", default="", help="the page's title")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="evaluation: processes that draw the curves and overlays (forked; default 1 = here, one after another)",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when a comparison or a link fails")
     return p
 
@@ -98,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 export_files=args.export_file,
                 out_dir=args.out,
                 max_cases=args.max_cases or None,
+                workers=args.workers,
                 **kw,
             )
     except (FileNotFoundError, ValueError) as e:

@@ -28,6 +28,7 @@ from models.loading import build_model_from_checkpoint
 from models.params import parameter_counts
 from reporting.charts import ModeParameters, plot_dice_chart, plot_parameter_chart
 from reporting.curves import RunCurves, find_runs, plot_run_curves, read_run
+from reporting.figures import FigureJobs
 from reporting.html import Section, figure, missing_links, table, write_page
 from reporting.overlays import render_case_overlay
 from utils.checkpoint import best_checkpoints, load_checkpoint
@@ -70,7 +71,7 @@ def _nifti_files(folder: Path) -> list[Path]:
 # training curves
 # ----------------------------------------------------------------------------------------------
 def _curves_section(
-    runs: Sequence[tuple[str, RunCurves]], assets: Path, page_dir: Path, report: Report
+    runs: Sequence[tuple[str, RunCurves]], assets: Path, page_dir: Path, report: Report, jobs: FigureJobs
 ) -> Section:
     parts = [
         '<p class="note">Loss per task (each step faint, its moving average, the epoch means as dots), '
@@ -83,9 +84,8 @@ def _curves_section(
         if curves.is_empty():
             parts.append('<p class="note">nothing logged yet</p>')
             continue
-        png = plot_run_curves(
-            curves, assets / f"curves_{_safe(mode or 'run')}_{_safe(curves.name)}.png", title=label
-        )
+        png = assets / f"curves_{_safe(mode or 'run')}_{_safe(curves.name)}.png"
+        jobs.submit(plot_run_curves, curves, png, title=label)
         report.images.append(png)
         parts.append(figure(png, page_dir))
         last = [(k, s[-1][0], f"{s[-1][1]:.4f}") for k, s in curves.val_dice.items() if s]
@@ -114,7 +114,9 @@ def run_report(
     out = Path(out_dir) if out_dir is not None else Path(folders[0])
     page = out / REPORT_HTML
     report = Report(page)
-    sections = [_curves_section([("", read_run(r)) for r in runs], out / ASSETS, out, report)]
+    jobs = FigureJobs()
+    sections = [_curves_section([("", read_run(r)) for r in runs], out / ASSETS, out, report, jobs)]
+    jobs.wait()
     rows = []
     for r in runs:
         for ck in best_checkpoints(r):
@@ -339,6 +341,7 @@ def _overlay_section(
     page_dir: Path,
     report: Report,
     max_cases: int | None,
+    jobs: FigureJobs,
 ) -> Section:
     pred_root = results_dir / "predictions"
     names = [p.name for p in sorted(pred_root.iterdir()) if p.is_dir()] if pred_root.is_dir() else []
@@ -373,7 +376,8 @@ def _overlay_section(
             preds = {m: read_label(d / name)[0] for m, d in preds_of.items() if (d / name).is_file()}
             case = _case_name(name)
             png = assets / "overlays" / _safe(task) / f"{_safe(case)}.png"
-            render_case_overlay(
+            jobs.submit(
+                render_case_overlay,
                 png,
                 image[0],
                 truth,
@@ -397,6 +401,7 @@ def evaluation_report(
     out_dir: str | os.PathLike[str] | None = None,
     max_cases: int | None = 10,
     title: str = "3D U²-Net: evaluation report",
+    workers: int = 1,
 ) -> Report:
     """The report of an evaluation (the laptop demo's): summary table and Dice chart
     (``<results_dir>/summary.csv``), parameters per mode, exported domains, label comparisons,
@@ -411,6 +416,7 @@ def evaluation_report(
         export_files: exported domains (``python -m models.export``) to list with their parameters.
         out_dir: where ``report.html`` and ``report/`` go (default ``results_dir``).
         max_cases: overlays per task (None: all).
+        workers: processes that draw the training curves and overlays (:class:`reporting.figures.FigureJobs`).
     """
     results = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else results
@@ -459,14 +465,16 @@ def evaluation_report(
                 )
             )
         sections.append(Section("Exported domains", "\n".join(parts)))
+    jobs = FigureJobs(workers)
     curves = [(mode, read_run(r)) for mode, folder in evals for r in find_runs(folder)]
     if curves:
-        sections.append(_curves_section(curves, assets, out, report))
+        sections.append(_curves_section(curves, assets, out, report, jobs))
     sections.append(
         _overlay_section(
-            results, Path(dataset_dir), [m for m, _ in evals], plans, assets, out, report, max_cases
+            results, Path(dataset_dir), [m for m, _ in evals], plans, assets, out, report, max_cases, jobs
         )
     )
+    jobs.wait()
     write_page(page, title, sections, intro=html.escape(f"results: {results}; test images: {dataset_dir}"))
     report.problems += [f"{page}: broken link {link}" for link in missing_links(page)]
     return report

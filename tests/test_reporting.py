@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -18,6 +19,7 @@ import reporting.__main__ as reporting_cli
 from models import build_model
 from reporting.build import evaluation_report, run_report
 from reporting.curves import read_run
+from reporting.figures import FigureJobs
 from reporting.html import Section, figure, missing_links, write_page
 from reporting.overlays import PLANES, central_planes, plane_slices, render_case_overlay
 from tests.synthetic import make_synthetic_task, synthetic_plans, write_folds
@@ -275,6 +277,43 @@ def test_evaluation_report(run_dir: Path, tmp_path: Path) -> None:
     ):
         assert needle in text
     assert 'src="report/dice.png"' in text  # linked relatively
+
+    # the figures drawn by 2 forked workers: the same files, byte for byte
+    if sys.platform.startswith("linux"):
+        evaluation_report(results, data, [("independent", indep), ("universal", run_dir)],
+                          compare=[("exported", "universal")], out_dir=tmp_path / "w2", workers=2)  # fmt: skip
+        drawn = sorted(q.relative_to(assets) for q in assets.rglob("*.png"))
+        assert (
+            sorted(
+                q.relative_to(tmp_path / "w2" / "report") for q in (tmp_path / "w2" / "report").rglob("*.png")
+            )
+            == drawn
+        )
+        for rel in drawn:
+            assert (tmp_path / "w2" / "report" / rel).read_bytes() == (assets / rel).read_bytes(), rel
+
+
+def _square(x: int) -> int:
+    if x < 0:
+        raise ValueError(f"negative: {x}")
+    return x * x
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_figure_jobs_keep_the_order_and_raise_errors(workers: int) -> None:
+    jobs = FigureJobs(workers)
+    for x in range(5):
+        jobs.submit(_square, x)
+    assert jobs.wait() == [0, 1, 4, 9, 16]
+    jobs = FigureJobs(workers)
+    jobs.submit(_square, 2)
+    if workers == 1 or not sys.platform.startswith("linux"):  # drawn at once
+        with pytest.raises(ValueError, match="negative: -1"):
+            jobs.submit(_square, -1)
+    else:
+        jobs.submit(_square, -1)
+        with pytest.raises(ValueError, match="negative: -1"):
+            jobs.wait()
 
 
 def test_missing_links_finds_broken_and_absolute_links(tmp_path: Path) -> None:
