@@ -4,7 +4,7 @@
 #   bash train_models.sh            the paper's experiment list on dataset/ (GPU-sized, days of training):
 #                                   independent model per task, shared model, universal model, and the
 #                                   shared and universal models adapted to Task09_Spleen
-#   bash train_models.sh --demo     laptop demo on generated data: about 7 minutes on 2 CPU cores
+#   bash train_models.sh --demo     laptop demo on generated data: about 6 minutes on 2 CPU cores
 #                                   (--demo --seed N: another seed for the data and the training runs)
 #   bash train_models.sh --dry_run  print the paper list's commands without running them
 #   bash train_models.sh --gpus N   the paper list, every training run data parallel under torchrun with N

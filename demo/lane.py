@@ -47,7 +47,7 @@ from types import FrameType
 JOB_SEPARATOR = ":::"
 #: modules a warm lane imports before its first job (what the training, export and predict
 #: commands import; torch._dynamo is imported by the first torch optimiser)
-PRELOAD = ("torch", "torch._dynamo", "training.cli", "predict", "models.export")
+PRELOAD: tuple[str, ...] = ("torch", "torch._dynamo", "training.cli", "predict", "models.export")
 
 
 @dataclass(frozen=True)
