@@ -109,27 +109,31 @@ demo() {
     mkdir -p "$logs"
     stamp() { printf '[demo %3ds] %s\n' "$((SECONDS - t0))" "$*"; }
     # every run: small model (base 8), 32³ model patch, 3 pools, batch 2, lr 3e-3, augmentation and resize
-    # to the model patch as one interpolation (the two-step pipeline's data loading was a fifth of a step
-    # with both lanes running), one validation at the end
+    # to the model patch as one linear interpolation (the two-step pipeline's two cubic ones made data
+    # loading a fifth of a step with both lanes running; one cubic one still 13-21 %), one validation at
+    # the end
     local common=(--prep_dir "$DEMO_PREP" --results_dir "$DEMO_RES"
         --dataset_dir "$DEMO_DATA" --base_outChans 8 --batch_size 2 --lr "${DEMO_LR:-3e-3}" --val_every 0 --save_every 1000
         --num_workers 0 --threads 1 --device cpu --log_images_every 200 --no_progress
-        --augment_pipeline "${DEMO_AUGMENT_PIPELINE:-composed}")
+        --augment_pipeline "${DEMO_AUGMENT_PIPELINE:-composed}" --augment_interp "${DEMO_AUGMENT_INTERP:-linear}")
     if [[ -n "$seed" ]]; then common+=(--seed "$seed" --torch_seed "$seed"); fi
     # extra flags for every training run / every predict.py call (e.g. DEMO_TRAIN_ARGS="--grad_none")
     read -r -a extra_train <<< "${DEMO_TRAIN_ARGS:-}"
     read -r -a extra_predict <<< "${DEMO_PREDICT_ARGS:-}"
     common+=("${extra_train[@]}")
     # the schedule (docs/training.md, "Laptop demo"): steps per task, 147 universal, 80 independent,
-    # 60 shared; the new domain 40 when the trained model is extended (17k parameters train, warm
-    # started from the liver domain), 288 at lr 6e-3 when adapted as the original code did (93k
-    # parameters train, the downsampling path from scratch: at 3e-3 it stalled on some seeds); the liver
-    # domain's grown label set (+ tumour) 220
+    # 60 shared (the dense models at lr 6e-3, the rate falling to 0 over their second half: at 3e-3 their
+    # last weights were too far from converged on some seeds); the new domain 40 when the trained model
+    # is extended (17k parameters train, warm started from the liver domain), 288 at lr 6e-3 when adapted
+    # as the original code did (93k parameters train, the downsampling path from scratch: at 3e-3 it
+    # stalled on some seeds); the liver domain's grown label set (+ tumour) 220
     local multi=(--model_patch 32 32 32 --pools 3 3 3 --max_epoch "${DEMO_EPOCHS_MULTI:-4}"
         --steps_per_epoch "${DEMO_STEPS_MULTI:-120}")
     local universal=(--steps_per_epoch "${DEMO_STEPS_UNIVERSAL:-110}")
-    local shared=(--max_epoch "${DEMO_EPOCHS_SHARED:-2}" --steps_per_epoch "${DEMO_STEPS_SHARED:-90}")
-    local indep=(--patch_size 32 32 32 --max_epoch "${DEMO_EPOCHS_INDEP:-2}" --steps_per_epoch "${DEMO_STEPS_INDEP:-40}")
+    local dense=(--lr "${DEMO_LR_DENSE:-6e-3}" --lr_anneal "${DEMO_ANNEAL_DENSE:-0.5}")
+    local shared=(--max_epoch "${DEMO_EPOCHS_SHARED:-2}" --steps_per_epoch "${DEMO_STEPS_SHARED:-90}" "${dense[@]}")
+    local indep=(--patch_size 32 32 32 --max_epoch "${DEMO_EPOCHS_INDEP:-2}" --steps_per_epoch "${DEMO_STEPS_INDEP:-40}"
+        "${dense[@]}")
     local adapt=(--max_epoch "${DEMO_EPOCHS_ADAPT:-2}" --steps_per_epoch "${DEMO_STEPS_ADAPT:-20}")
     local adapt_original=(--max_epoch "${DEMO_EPOCHS_ADAPT:-2}" --steps_per_epoch "${DEMO_STEPS_ADAPT_ORIGINAL:-144}"
         --lr "${DEMO_LR_ADAPT_ORIGINAL:-6e-3}")

@@ -8,6 +8,7 @@ augmentation and "fore"/"small" redraws) and brought to the 128³ model patch, b
 * ``before``: the two-step pipeline as it was before issue 11 (skimage's ``resize`` per voxel);
 * ``two_step``: the preset's two-step pipeline now (the same resize, computed separably: same values);
 * ``composed``: ``--augment_pipeline composed`` (one interpolation per sample);
+* ``composed_linear``: the same with ``--augment_interp linear`` (that interpolation linear, not cubic);
 * ``device_plan``: the loader-process share of ``--augment_device cuda`` (transforms, labels and the
   region to read; the image resampling then runs on the GPU and is not counted here).
 
@@ -19,6 +20,7 @@ cached subset of 2,048); ``--voxel_draws N`` also times N such draws alone on a 
 
     .venv/bin/python benchmarks/bench_loader.py                       # all pipelines, ~10 min on 2 cores
     .venv/bin/python benchmarks/bench_loader.py --pipelines two_step composed --batches 2
+    .venv/bin/python benchmarks/bench_loader.py --pipelines composed composed_linear --batches 2
     .venv/bin/python benchmarks/bench_loader.py --pipelines two_step --centre_voxels subset
     .venv/bin/python benchmarks/bench_loader.py --pipelines --voxel_draws 2000   # the draws alone
     .venv/bin/python benchmarks/bench_loader.py --smoke               # tiny, a few seconds
@@ -61,7 +63,7 @@ from utils.preprocessing import list_cases, resize_image, resize_nearest  # noqa
 
 #: (name, modalities, classes, patch) of the five-task preset
 PRESET_TASKS = [(t.name, t.modalities, t.classes, t.patch) for t in FIVE_TASKS]
-PIPELINES = ("before", "two_step", "composed", "device_plan")
+PIPELINES = ("before", "two_step", "composed", "composed_linear", "device_plan")
 
 
 def skimage_resize_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -93,7 +95,7 @@ def make_sampler(
 ) -> tuple[PatchSampler, Any]:
     """The worker's sampler for ``pipeline`` and the batch-level step that follows it (the resize)."""
     patch = tuple(int(v) for v in plans["patch_size"])
-    aug = AugmentParams()
+    aug = AugmentParams(order_data=1) if pipeline == "composed_linear" else AugmentParams()
     info = {
         i: compute_case_info(np.load(c + "_label.npy"), plans["small_label"]) for i, c in enumerate(cases)
     }

@@ -4,6 +4,7 @@ against the two-step preset, and the GPU path's resampling (run on CPU tensors).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from training.composed_augment import ComposedAugmenter, DevicePlan, draw_transf
 from training.config import TrainConfig
 from training.device_augment import resample
 from training.loader import TrainLoader
-from training.loop import fit
+from training.loop import augment_params, fit
 from utils.preprocessing import list_cases, resize_image
 
 PATCH, OUT = (12, 16, 20), (24, 24, 24)
@@ -139,6 +140,38 @@ def test_device_resampling_matches_composed_cpu() -> None:
     assert spatial and not all(spatial)
 
 
+def test_linear_interpolation_reads_its_neighbours_and_matches_the_device_path() -> None:
+    """``--augment_interp linear`` (order 1): the same samples whether the region read around the
+    positions has the cubic prefilter's 12-voxel margin or only the neighbours (bit-identical); the
+    GPU path's trilinear resampling (run on CPU tensors) gives the same values up to float rounding;
+    and it is not the cubic result (the flag changes the images, never the labels)."""
+    linear = AugmentParams(order_data=1)
+    region, label = _smooth_region(extraction_size(PATCH, AUG))
+    lin, cubic = ComposedAugmenter(PATCH, OUT, linear), ComposedAugmenter(PATCH, OUT, AUG)
+    assert lin.read_margin < cubic.read_margin
+    spatial = 0
+    for seed in range(6):
+        with seeded_global_rng(seed):
+            got_d, got_s = lin(region, label)
+        with seeded_global_rng(seed):
+            cub_d, cub_s = cubic(region, label)
+        with seeded_global_rng(seed):
+            plan, _ = lin.plan(region, label)
+        wide = ComposedAugmenter(PATCH, OUT, linear)
+        wide.read_margin = 1000  # the whole region
+        with seeded_global_rng(seed):
+            wide_d, _ = wide(region, label)
+        with seeded_global_rng(seed):
+            draw = draw_transform(PATCH, AUG)
+        np.testing.assert_array_equal(got_d, wide_d)
+        np.testing.assert_array_equal(got_s, cub_s)
+        if draw.spatial:
+            spatial += 1
+            np.testing.assert_allclose(resample(plan, "cpu").numpy(), got_d, atol=2e-5)
+            assert np.abs(got_d - cub_d).max() > 1e-4, seed
+    assert spatial >= 3
+
+
 @pytest.mark.parametrize("mode", ["composed", "device"])
 def test_loader_pipelines_give_model_patch_batches(tmp_path: Path, mode: str) -> None:
     """The loader's composed and GPU paths (device = CPU here) give model-patch batches of the preset
@@ -171,12 +204,12 @@ def test_loader_pipelines_give_model_patch_batches(tmp_path: Path, mode: str) ->
                 assert torch.equal(a["seg"], b["seg"]) and a["kinds"] == b["kinds"]
 
 
-def test_training_run_with_composed_pipeline(tmp_path: Path) -> None:
-    """The flags reach the loop: a shared run with --augment_pipeline composed trains on model-patch
-    batches (finite losses) and records the settings; --augment_device cuda without a GPU is refused
-    with a clear message; unknown values are refused."""
+def _tiny_shared_runs(
+    tmp_path: Path, tasks: tuple[str, ...], steps_per_epoch: int
+) -> Callable[..., TrainConfig]:
+    """Synthetic tasks under ``tmp_path`` and a maker of tiny one-epoch shared-run configs for them."""
     folds = {}
-    for i, name in enumerate(("Task97_TinyA", "Task98_TinyB")):
+    for i, name in enumerate(tasks):
         _, folds[name] = make_synthetic_task(tmp_path / "prep", name, shape=(10, 14, 14), patch=(6, 10, 12),
                                              n_train=3, n_val=1, seed=i)  # fmt: skip
     write_folds(tmp_path / "folds.json", folds)
@@ -185,9 +218,17 @@ def test_training_run_with_composed_pipeline(tmp_path: Path) -> None:
         return TrainConfig(
             mode="shared", tasks=list(folds), prep_dir=str(tmp_path / "prep"), folds_file=str(tmp_path / "folds.json"),
             results_dir=str(tmp_path / "out"), base_channels=2, model_patch=[8, 8, 8], pools=[1, 1, 1], max_epoch=1,
-            steps_per_epoch=4, val_every=0, num_workers=0, device="cpu", threads=1, **kw,
+            steps_per_epoch=steps_per_epoch, val_every=0, num_workers=0, device="cpu", threads=1, **kw,
         )  # fmt: skip
 
+    return config
+
+
+def test_training_run_with_composed_pipeline(tmp_path: Path) -> None:
+    """The flags reach the loop: a shared run with --augment_pipeline composed trains on model-patch
+    batches (finite losses) and records the settings; --augment_device cuda without a GPU is refused
+    with a clear message; unknown values are refused."""
+    config = _tiny_shared_runs(tmp_path, ("Task97_TinyA", "Task98_TinyB"), steps_per_epoch=4)
     (prep,) = prepare_runs(config(augment_pipeline="composed"))
     losses: list[float] = []
     fit(prep, progress=False, on_step=lambda s, loss: losses.append(loss))
@@ -198,3 +239,29 @@ def test_training_run_with_composed_pipeline(tmp_path: Path) -> None:
         fit(prep, progress=False)
     with pytest.raises(ValueError, match="augment_pipeline"):
         config(augment_pipeline="fast")
+
+
+def test_augment_interp_reaches_the_loader(tmp_path: Path) -> None:
+    """``--augment_interp``: the preset is cubic (order 3); 'linear' gives order 1 and, from the same
+    seeds and initial weights, other training losses (the flag would give identical ones if the loader
+    ignored it); an unknown value is refused."""
+    runs = _tiny_shared_runs(tmp_path, ("Task97_TinyA",), steps_per_epoch=3)
+
+    def config(**kw: Any) -> TrainConfig:
+        return runs(augment_pipeline="composed", **kw)
+
+    preset = augment_params(config())
+    assert isinstance(preset, AugmentParams) and preset.order_data == 3 and preset == AugmentParams()
+    linear = augment_params(config(augment_interp="linear"))
+    assert isinstance(linear, AugmentParams) and linear.order_data == 1
+    assert augment_params(config(augment=False)) is False
+    losses: dict[str, list[float]] = {}
+    for interp in ("cubic", "linear"):
+        (prep,) = prepare_runs(config(augment_interp=interp, out_tag=interp))
+        losses[interp] = []
+        fit(prep, progress=False, on_step=lambda s, loss, out=losses[interp]: out.append(loss))
+        assert json.loads((prep.run_dir / "config.json").read_text())["augment_interp"] == interp
+    assert len(losses["linear"]) == 3 and all(np.isfinite(losses["linear"]))
+    assert losses["linear"] != losses["cubic"]
+    with pytest.raises(ValueError, match="augment_interp"):
+        config(augment_interp="quintic")

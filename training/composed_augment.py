@@ -9,7 +9,8 @@ composed``) computes, for every voxel ``o`` of the model patch, its position in 
 (``t = (o + 0.5) * P / Q - 0.5``, skimage's voxel-centre alignment), pushes it through the drawn
 elastic field (linearly interpolated between the task patch's voxels, where batchgenerators drew it),
 rotation and scaling, and samples the extraction region there ONCE (``scipy.ndimage.map_coordinates``,
-cubic B-spline, constant-0 border, as batchgenerators).
+cubic B-spline, constant-0 border, as batchgenerators; ``AugmentParams.order_data`` = 1, ``--augment_interp
+linear``: linear, without the spline's prefilter, cheaper: ``benchmarks/bench_loader.py``).
 
 Faithful in distribution:
 
@@ -219,6 +220,9 @@ class ComposedAugmenter:
         self.patch_size = int3(patch_size)
         self.out_size = int3(out_size)
         self.aug = aug
+        # voxels read beyond the sampled positions: the cubic spline's prefilter needs context, a linear
+        # (or nearest) interpolation only the neighbours
+        self.read_margin = PREFILTER_MARGIN if aug.order_data > 1 else 1
         self.resized = self.patch_size != self.out_size
         self._u = [
             patch_positions(p, q) - (p - 1) / 2.0 for p, q in zip(self.patch_size, self.out_size, strict=True)
@@ -253,17 +257,12 @@ class ComposedAugmenter:
         return pos
 
     def _read_box(self, pos: np.ndarray, extraction: Sequence[int]) -> tuple[list[slice], np.ndarray]:
-        """The part of the extraction region the positions read (plus the prefilter margin)."""
+        """The part of the extraction region the positions read, plus ``read_margin`` voxels."""
         size = [int(e) for e in extraction]
+        margin = self.read_margin
         # at least 2 voxels per axis (the GPU path normalises by size - 1), always inside the region
-        lo = [
-            min(max(int(math.floor(pos[i].min())) - PREFILTER_MARGIN, 0), max(size[i] - 2, 0))
-            for i in range(3)
-        ]
-        hi = [
-            min(max(int(math.ceil(pos[i].max())) + PREFILTER_MARGIN + 1, lo[i] + 2), size[i])
-            for i in range(3)
-        ]
+        lo = [min(max(int(math.floor(pos[i].min())) - margin, 0), max(size[i] - 2, 0)) for i in range(3)]
+        hi = [min(max(int(math.ceil(pos[i].max())) + margin + 1, lo[i] + 2), size[i]) for i in range(3)]
         return [slice(a, b) for a, b in zip(lo, hi, strict=True)], np.asarray(lo, dtype=np.float64)
 
     def _draw(self) -> SampleTransform:

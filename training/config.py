@@ -54,6 +54,8 @@ LR_STOP_ORDERS = ("original", "same_epoch")
 AUGMENT_PIPELINES = ("two_step", "composed")
 #: where augmented samples are interpolated (training.device_augment)
 AUGMENT_DEVICES = ("cpu", "cuda")
+#: image interpolation of the CPU augmentation's resampling (--augment_interp) -> spline order
+AUGMENT_INTERP_ORDERS = {"cubic": 3, "linear": 1}
 
 
 def _opt(default: Any, help: str, group: str, *, flag: str | None = None, **argparse_kwargs: Any) -> Any:
@@ -373,6 +375,15 @@ class TrainConfig:
         METHOD,
         choices=AUGMENT_PIPELINES,
     )
+    augment_interp: str = _opt(
+        "cubic",
+        "image interpolation of the CPU augmentation (the SpatialTransform of 'two_step', the one resampling of "
+        "'composed'): 'cubic' = B-spline order 3 (the original), 'linear' = order 1, cheaper (composed: 1.9x "
+        "the samples per second at the preset, docs/performance.md); the unified-patch resize of 'two_step' stays cubic, "
+        "--augment_device cuda is trilinear anyway",
+        METHOD,
+        choices=tuple(AUGMENT_INTERP_ORDERS),
+    )
     augment_device: str = _opt(
         "cpu",
         "where augmented samples are interpolated: 'cpu' (loader processes) or 'cuda' (the loader draws the "
@@ -442,6 +453,7 @@ class TrainConfig:
             ("depthwise_kernel", DEPTHWISE_KERNEL_MODES),
             ("augment_pipeline", AUGMENT_PIPELINES),
             ("augment_device", AUGMENT_DEVICES),
+            ("augment_interp", tuple(AUGMENT_INTERP_ORDERS)),
             ("infer_precision", ("same", *PRECISIONS)),
             ("infer_backend", BACKENDS),
         ):

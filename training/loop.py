@@ -20,7 +20,7 @@ from models.report import format_parameter_report, parameter_report
 from models.runtime import amp_dtype, resolve_device
 from models.triton_depthwise import resolve_depthwise_kernel
 from training.augmentation import AugmentParams
-from training.config import PRESET_SHARED_BATCH, TrainConfig
+from training.config import AUGMENT_INTERP_ORDERS, PRESET_SHARED_BATCH, TrainConfig
 from training.data import TaskData, make_epoch_loader, scan_cases
 from training.distributed import DistContext, GlobalBatchLoss, GradientSync
 from training.losses import SegmentationLoss
@@ -56,6 +56,7 @@ EXACT_RESUME_KEYS = (
     "kind_probs",
     "augment_pipeline",
     "augment_device",
+    "augment_interp",
 )
 
 
@@ -132,6 +133,16 @@ def batch_size_for(config: TrainConfig, task: TaskData) -> int:
     if config.mode == "independent":
         return int(task.plans.get("batch_size", 2))
     return PRESET_SHARED_BATCH
+
+
+def augment_params(config: TrainConfig) -> AugmentParams | bool:
+    """The run's augmentation settings (``False`` with ``--no_augment``): the preset's, with the run's
+    mirroring probability and image interpolation."""
+    if not config.augment:
+        return False
+    return AugmentParams(
+        p_mirror_flip=config.mirror_flip_p, order_data=AUGMENT_INTERP_ORDERS[config.augment_interp]
+    )
 
 
 def configure_torch(config: TrainConfig, device: torch.device) -> None:
@@ -340,7 +351,7 @@ def _epochs(
                 seed=config.seed,
                 model_patch=setup.model_patch,
                 num_workers=config.num_workers,
-                augment=AugmentParams(p_mirror_flip=config.mirror_flip_p) if config.augment else False,
+                augment=augment_params(config),
                 centre_mode=config.centre_mode,
                 centre_voxels=config.centre_voxels,
                 kind_probs=config.kind_probs,
