@@ -35,4 +35,10 @@ def test_run_gpu_checks_smoke(tmp_path: Path) -> None:
     train = {r["config"]: r for r in json.loads((tmp_path / "train.json").read_text())["results"]}
     assert {"universal_fp32", "universal_fp32+gpuaug", "independent_fp32"} <= set(train)
     loader = json.loads((tmp_path / "loader.json").read_text())
-    assert {r["pipeline"] for r in loader["results"]} == {"before", "two_step", "composed", "device_plan"}
+    assert {r["pipeline"] for r in loader["results"]} == {
+        "before",
+        "two_step",
+        "composed",
+        "composed_linear",
+        "device_plan",
+    }
